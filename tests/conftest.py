@@ -1,0 +1,55 @@
+"""Shared fixtures: where the test data and model folders are, and a tiny random Llama.
+
+The real quotes file, the Llama-3.2 tokenizer and the model folders are large and live outside
+the repository. Tests find them through environment variables (set by .ci/run):
+
+  LORA_TEST_QUOTES            english_quotes JSONL file
+  LORA_TEST_LLAMA_TOKENIZER   Llama-3.2 tokenizer.json
+  LORA_TEST_SMOLLM2           HF folder of SmolLM2-135M-Instruct
+  LORA_TEST_LLAMA1B           HF folder with the Llama-3.2-1B-Instruct config (random weights)
+
+Without one of them, the tests that need it are skipped, unless LORA_TEST_REQUIRE=1 (CI sets it),
+in which case they fail: CI must never pass by skipping.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _path_from_env(name):
+    value = os.environ.get(name)
+    if value and Path(value).exists():
+        return Path(value)
+    message = f"{name} is not set or does not exist (got {value!r})"
+    if os.environ.get("LORA_TEST_REQUIRE") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def quotes_path():
+    return _path_from_env("LORA_TEST_QUOTES")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_path():
+    return _path_from_env("LORA_TEST_LLAMA_TOKENIZER")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return _path_from_env("LORA_TEST_SMOLLM2")
+
+
+@pytest.fixture(scope="session")
+def llama1b_dir():
+    return _path_from_env("LORA_TEST_LLAMA1B")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
