@@ -1,0 +1,409 @@
+"""lora.py: the LoraModule, putting it into a model, merging, and our adapter files.
+
+Oracles: the LoRA formula W x + alpha * B A x computed by hand, the base model's own logits (an
+adapter that adds nothing must change nothing), parameter counts from the config by hand, and
+the logits of the model that wrote an adapter (a reload must reproduce them).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+from llama import Llama
+from lora import (LoraModule, add_lora, count_parameters, load_adapter, lora_modules, lora_parameters,
+                  lora_state_dict, merge_lora, save_adapter, set_alpha)
+from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
+
+LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"tied": write_tiny_model(root / "tied", LLAMA3_GQA_TIED),
+            "untied": write_tiny_model(root / "untied", PLAIN_MHA_UNTIED)}
+
+
+@pytest.fixture(scope="module")
+def base_models(tiny_dirs):
+    return {k: Llama.from_pretrained(d) for k, d in tiny_dirs.items()}
+
+
+@pytest.fixture
+def tied(base_models):
+    return copy.deepcopy(base_models["tied"])  # deepcopy keeps lm_head.weight IS embed_tokens.weight
+
+
+@pytest.fixture
+def untied(base_models):
+    return copy.deepcopy(base_models["untied"])
+
+
+TOKENS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomize_b(model, seed=0):
+    """Give every B random values, as training would: with B = 0 an adapter tests nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            B = m.lora_module[1].weight
+            B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+
+
+# ----------------------------------------------------------------------------- LoraModule
+
+def test_lora_module_output_is_wx_plus_alpha_bax_by_hand():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5, bias=True, dtype=torch.float64)
+    m = LoraModule(base, r=3, alpha=0.7)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)  # (B, T, in)
+    W, b = base.weight, base.bias
+    A, B = m.lora_module[0].weight, m.lora_module[1].weight  # (r, in), (out, r)
+    expected = x @ W.T + b + 0.7 * (x @ A.T) @ B.T  # (B, T, out)
+    assert A.shape == (3, 6) and B.shape == (5, 3)
+    torch.testing.assert_close(m(x), expected, rtol=0, atol=1e-12)
+
+
+def test_setting_module_requires_grad_attribute_freezes_nothing():
+    """The method's `module.requires_grad = False`: a plain attribute, parameters still train."""
+    linear = nn.Linear(4, 4)
+    linear.requires_grad = False
+    linear(torch.randn(2, 4)).sum().backward()
+    assert all(p.requires_grad for p in linear.parameters())
+    assert linear.weight.grad is not None
+
+
+def test_lora_module_freezes_original_parameters():
+    m = LoraModule(nn.Linear(4, 4), r=2)
+    m(torch.randn(3, 4)).sum().backward()
+    assert [p.requires_grad for p in m.original_module.parameters()] == [False, False]
+    assert m.original_module.weight.grad is None and m.original_module.bias.grad is None
+    assert all(p.grad is not None for p in m.lora_module.parameters())
+
+
+def test_zero_init_makes_b_zero_and_seed_init_keeps_it_random():
+    torch.manual_seed(0)
+    assert LoraModule(nn.Linear(8, 8), init="zero").lora_module[1].weight.abs().max() == 0
+    assert LoraModule(nn.Linear(8, 8), init="seed").lora_module[1].weight.abs().min() > 0
+
+
+def test_lora_weights_are_float32_on_a_bf16_base_and_bf16_input_works():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+    m = LoraModule(base, r=4, alpha=0.5)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    y = m(x)
+    y.float().sum().backward()
+    assert m.lora_module[0].weight.dtype == torch.float32 and base.weight.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and m.lora_module[0].weight.grad.dtype == torch.float32
+    oracle = x.float() @ base.weight.float().T + 0.5 * m.lora_module(x.float())
+    torch.testing.assert_close(y.float(), oracle, rtol=2e-2, atol=2e-2)
+
+
+def test_forward_under_autocast_gives_the_autocast_dtype():
+    m = LoraModule(nn.Linear(16, 8), r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(torch.randn(3, 16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_merged_weight_is_w_plus_alpha_b_a():
+    m = LoraModule(nn.Linear(6, 5, bias=False), r=2, alpha=3.0)
+    A, B = m.lora_module[0].weight, m.lora_module[1].weight
+    torch.testing.assert_close(m.merged_weight(), m.original_module.weight + 3.0 * B @ A)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(orig_module=nn.Conv1d(2, 2, 1)), TypeError, "nn.Linear, got Conv1d"),
+    (dict(r=0), ValueError, "positive int"),
+    (dict(r=2.0), TypeError, "positive int, got float"),
+    (dict(r=True), TypeError, "positive int, got bool"),
+    (dict(alpha="1"), TypeError, "real number"),
+    (dict(alpha=True), TypeError, "real number"),
+    (dict(alpha=float("nan")), ValueError, "finite"),
+    (dict(alpha=float("inf")), ValueError, "finite"),
+    (dict(alpha=-0.5), ValueError, ">= 0"),
+    (dict(init="kaiming"), ValueError, "init must be one of"),
+])
+def test_lora_module_argument_errors(kwargs, error, message):
+    kwargs = {"orig_module": nn.Linear(4, 4), **kwargs}
+    with pytest.raises(error, match=message):
+        LoraModule(**kwargs)
+
+
+def test_lora_module_accepts_int_alpha_and_zero_and_stores_float():
+    m = LoraModule(nn.Linear(4, 4), alpha=2)
+    assert m.alpha == 2.0 and type(m.alpha) is float
+    m = LoraModule(nn.Linear(4, 4), alpha=0)
+    m.set_alpha(0.25)
+    assert m.alpha == 0.25
+    with pytest.raises(ValueError, match=">= 0"):
+        m.set_alpha(-1.0)
+
+
+# ----------------------------------------------------------------------------- a model with LoRA
+
+def test_add_lora_wraps_every_linear_lm_head_included(tied):
+    names = add_lora(tied, r=4)
+    expected = [f"model.layers.{i}.{part}.{n}" for i in range(2)
+                for part, ns in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:])) for n in ns]
+    assert names == expected + ["lm_head"]
+    assert list(lora_modules(tied)) == names
+    assert not [n for n, m in tied.named_modules() if type(m) is nn.Linear and ".original_module" not in n
+                and ".lora_module" not in n]
+
+
+def test_zero_init_leaves_the_model_logits_unchanged(tied, base_models):
+    add_lora(tied, r=4, alpha=1.0, init="zero")
+    assert torch.equal(tied(TOKENS), base_models["tied"](TOKENS))
+
+
+def test_seed_init_changes_the_model_logits(tied, base_models):
+    torch.manual_seed(0)
+    add_lora(tied, r=4, alpha=1.0, init="seed")
+    assert (tied(TOKENS) - base_models["tied"](TOKENS)).abs().max() > 1e-3
+
+
+def test_only_lora_parameters_get_gradients(tied):
+    add_lora(tied, r=4, alpha=0.5)
+    tied(TOKENS).logsumexp(-1).mean().backward()
+    lora_ids = {id(p) for p in lora_parameters(tied)}
+    for name, p in tied.named_parameters(remove_duplicate=False):
+        if id(p) in lora_ids:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().max() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name  # embeddings and norms too
+
+
+def test_set_alpha_reaches_every_module_and_zero_gives_the_base_logits(tied, base_models):
+    add_lora(tied, r=4, alpha=1.0, init="seed")
+    set_alpha(tied, 0)
+    assert {m.alpha for m in lora_modules(tied).values()} == {0.0}
+    assert torch.equal(tied(TOKENS), base_models["tied"](TOKENS))
+
+
+def test_set_alpha_on_a_model_without_lora_is_an_error(tied):
+    with pytest.raises(ValueError, match="no LoRA modules"):
+        set_alpha(tied, 1.0)
+
+
+def test_targets_wrap_only_those_layers(untied):
+    names = add_lora(untied, r=2, targets=["q_proj", "v_proj"])
+    assert names == [f"model.layers.{i}.self_attn.{n}" for i in range(3) for n in ("q_proj", "v_proj")]
+    assert type(untied.model.layers[0].self_attn.k_proj) is nn.Linear and type(untied.lm_head) is nn.Linear
+    assert not untied.model.layers[0].self_attn.k_proj.weight.requires_grad
+
+
+def test_unknown_target_lists_the_valid_names(untied):
+    with pytest.raises(ValueError) as info:
+        add_lora(untied, targets=["q_proj", "qkv_proj"])
+    assert "qkv_proj" in str(info.value)
+    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(info.value)
+    assert not lora_modules(untied)  # refused before touching the model
+
+
+def test_targets_as_a_bare_string_is_refused(untied):
+    with pytest.raises(TypeError, match="list of names"):
+        add_lora(untied, targets="q_proj")
+
+
+def test_add_lora_twice_is_refused(untied):
+    add_lora(untied, r=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        add_lora(untied, r=2)
+
+
+def test_add_lora_is_deterministic_given_the_rng_state(base_models):
+    states = []
+    for _ in range(2):
+        model = copy.deepcopy(base_models["untied"])
+        torch.manual_seed(123)
+        add_lora(model, r=2)
+        states.append(lora_state_dict(model))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_count_parameters_by_hand(tied):
+    c, r = LLAMA3_GQA_TIED, 4
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (out, in) per layer
+    layer = sum(o * n for o, n in shapes) + 2 * h  # + two RMSNorm weights
+    base = c["vocab_size"] * h + c["num_hidden_layers"] * layer + h  # lm_head shares embed_tokens
+    lora_ = c["num_hidden_layers"] * sum(r * (o + n) for o, n in shapes) + r * (h + c["vocab_size"])
+    assert count_parameters(tied) == (base, base)
+    add_lora(tied, r=r)
+    assert count_parameters(tied) == (lora_, base + lora_)
+
+
+def test_lora_state_dict_holds_only_the_lora_tensors(untied):
+    names = add_lora(untied, r=2, targets=["q_proj"])
+    state = lora_state_dict(untied)
+    assert sorted(state) == sorted(f"{n}.lora_module.{i}.weight" for n in names for i in (0, 1))
+    full = untied.state_dict()
+    assert all(torch.equal(t, full[k]) for k, t in state.items())
+
+
+def test_lora_state_dict_tensors_share_memory_with_the_parameters(untied):
+    """train.py resumes by copy_ into them."""
+    add_lora(untied, r=2, targets=["q_proj"])
+    state = lora_state_dict(untied)
+    state["model.layers.1.self_attn.q_proj.lora_module.1.weight"].fill_(0.5)
+    assert (untied.model.layers[1].self_attn.q_proj.lora_module[1].weight == 0.5).all()
+
+
+# ----------------------------------------------------------------------------- merging
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_merged_model_gives_the_unmerged_logits(which, base_models):
+    model = copy.deepcopy(base_models[which])
+    add_lora(model, r=4, alpha=0.5)
+    randomize_b(model)
+    before, names = model(TOKENS), list(lora_modules(model))
+    assert merge_lora(model) == names
+    assert not lora_modules(model) and type(model.lm_head) is nn.Linear
+    torch.testing.assert_close(model(TOKENS), before, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_a_tied_lm_head_leaves_the_embeddings_unchanged(tied, base_models):
+    add_lora(tied, r=4, alpha=0.5)
+    randomize_b(tied)
+    merge_lora(tied)
+    assert torch.equal(tied.model.embed_tokens.weight, base_models["tied"].model.embed_tokens.weight)
+    assert tied.lm_head.weight is not tied.model.embed_tokens.weight
+    assert not torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)
+    assert tied.config.tie_word_embeddings is False
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+def test_save_load_round_trip_gives_the_same_logits(untied, base_models, tiny_dirs, tmp_path):
+    add_lora(untied, r=4, alpha=0.25, targets=["q_proj", "v_proj", "down_proj"])
+    randomize_b(untied)
+    path = save_adapter(untied, tmp_path / "a.safetensors", base_model=str(tiny_dirs["untied"]))
+    fresh = copy.deepcopy(base_models["untied"])
+    meta = load_adapter(fresh, path)
+    assert (meta["r"], meta["alpha"], meta["targets"]) == (4, 0.25, ["down_proj", "q_proj", "v_proj"])
+    assert meta["base_model"] == str(tiny_dirs["untied"])
+    assert torch.equal(fresh(TOKENS), untied(TOKENS))
+    assert count_parameters(fresh) == count_parameters(untied)  # frozen the same way
+
+
+def test_save_adapter_into_a_folder_and_load_from_the_folder(untied, base_models, tmp_path):
+    add_lora(untied, r=2)
+    randomize_b(untied)
+    path = save_adapter(untied, tmp_path, base_model="x")
+    assert path == tmp_path / "adapter.safetensors"
+    fresh = copy.deepcopy(base_models["untied"])
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh(TOKENS), untied(TOKENS))
+
+
+def test_adapter_file_holds_only_lora_tensors_and_metadata(tied, tmp_path):
+    add_lora(tied, r=2, alpha=0.125, init="zero", targets=["q_proj", "lm_head"])
+    path = save_adapter(tied, tmp_path / "a.safetensors", base_model="meta-llama/Llama-3.2-1B-Instruct")
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert keys == set(lora_state_dict(tied))
+    assert meta["r"] == "2" and float(meta["alpha"]) == 0.125 and meta["init"] == "zero"
+    assert meta["targets"] == "lm_head,q_proj" and meta["base_model"] == "meta-llama/Llama-3.2-1B-Instruct"
+    assert '"hidden_size": 64' in meta["base_config"]
+
+
+def test_load_alpha_overrides_the_saved_alpha(untied, base_models, tmp_path):
+    add_lora(untied, r=2, alpha=0.25)
+    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    fresh = copy.deepcopy(base_models["untied"])
+    load_adapter(fresh, tmp_path / "a.safetensors", alpha=2.0)
+    assert {m.alpha for m in lora_modules(fresh).values()} == {2.0}
+
+
+def test_load_into_a_model_that_already_has_lora_replaces_its_weights(untied, base_models, tmp_path):
+    add_lora(untied, r=2, alpha=0.5)
+    randomize_b(untied, seed=1)
+    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    other = copy.deepcopy(base_models["untied"])
+    add_lora(other, r=2, alpha=3.0)
+    load_adapter(other, tmp_path / "a.safetensors")
+    assert torch.equal(other(TOKENS), untied(TOKENS))
+
+
+def test_load_with_another_rank_is_refused(untied, base_models, tmp_path):
+    add_lora(untied, r=2)
+    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    other = copy.deepcopy(base_models["untied"])
+    add_lora(other, r=4)
+    with pytest.raises(ValueError, match=r"adapter has rank r=2, the model's LoRA modules have r=\[4\]"):
+        load_adapter(other, tmp_path / "a.safetensors")
+
+
+def test_load_an_adapter_of_another_model_size_is_refused(untied, tied, tmp_path):
+    add_lora(untied, r=2)
+    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    with pytest.raises(ValueError, match="trained on a base with hidden_size=48, this model has hidden_size=64"):
+        load_adapter(tied, tmp_path / "a.safetensors")
+    assert not lora_modules(tied)  # refused before touching the model
+
+
+def test_load_a_tensor_of_another_shape_names_the_key_and_both_shapes(tmp_path):
+    """No config here: the tensor shapes alone decide."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    add_lora(model, r=2)
+    save_adapter(model, tmp_path / "a.safetensors", base_model="x")
+    wider = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
+    with pytest.raises(ValueError, match=r"2\.lora_module\.1\.weight: adapter has shape \(4, 2\), model expects \(5, 2\)"):
+        load_adapter(wider, tmp_path / "a.safetensors")
+
+
+def test_load_missing_file_names_the_path(untied, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_adapter(untied, tmp_path / "nope.safetensors")
+
+
+def test_load_a_file_that_is_not_an_adapter_is_refused(untied, tiny_dirs, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all" * 4)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_adapter(untied, tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="not a LoRA adapter written by lora.py"):
+        load_adapter(untied, tiny_dirs["untied"] / "model.safetensors")  # a whole model
+
+
+def test_load_with_another_expected_base_warns(untied, base_models, tmp_path):
+    add_lora(untied, r=2)
+    save_adapter(untied, tmp_path / "a.safetensors", base_model="org/trained-on")
+    with pytest.warns(UserWarning, match="trained on 'org/trained-on', loading into 'org/other'"):
+        load_adapter(copy.deepcopy(base_models["untied"]), tmp_path / "a.safetensors", expected_base="org/other")
+
+
+def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp_path):
+    add_lora(untied, r=2)
+    path = save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(untied, path, base_model="x")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
+
+
+def test_lora_on_every_linear_of_llama_3_2_1b_trains_6_7_million_parameters(llama1b_dir):
+    """The real config, no weights (meta device). By hand, r = 8, (in + out) per Linear:
+    per layer q, o 2048+2048; k, v 2048+512; gate, up, down 2048+8192; 16 layers; lm_head 2048+128256."""
+    from llama import LlamaConfig
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_dir(llama1b_dir))
+    _, base = count_parameters(model)
+    add_lora(model, r=8)
+    per_layer = 8 * (2 * 4096 + 2 * 2560 + 3 * 10240)
+    assert count_parameters(model) == (16 * per_layer + 8 * (2048 + 128256), base + 6_678_528)

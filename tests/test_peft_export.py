@@ -1,0 +1,229 @@
+"""lora.py's exports against the ecosystem's own readers, the oracles here.
+
+A tiny random Llama is trained for a few AdamW steps with our LoRA, then exported; the real `peft`
+(PeftModel over transformers' LlamaForCausalLM) and plain `transformers` must reproduce our logits.
+The other way round, an adapter written by peft itself must reproduce peft's logits in our model.
+"""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from llama import Llama
+from lora import (add_lora, export_merged, export_peft, import_peft, load_adapter, lora_modules,
+                  lora_parameters, save_adapter)
+from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(2))
+# peft warns that an adapter on a tied lm_head "can lead to complications": for LoRA on the
+# lm_head Linear (embeddings left alone) that is exactly what we mean, and the logits test it.
+TIED_WARNING = "ignore:Model has `tie_word_embeddings=True`:UserWarning"
+CASES = {  # which model, which layers: the method's every-Linear on a tied lm_head, and a subset
+    "tied_all_linear": (LLAMA3_GQA_TIED, None),
+    "untied_qv": (PLAIN_MHA_UNTIED, ["q_proj", "v_proj"]),
+}
+
+
+def train_briefly(model, steps=3):
+    """A few AdamW steps on random tokens: enough to make A and B unlike their init."""
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+        logits = model(tokens[:, :-1])  # (B, T-1, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def trained(request, tmp_path_factory):
+    """(base folder, trained model with LoRA, its logits, our adapter file), one per case."""
+    config, targets = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    folder = write_tiny_model(root / "base", config)
+    model = Llama.from_pretrained(folder)
+    torch.manual_seed(0)
+    add_lora(model, r=4, alpha=0.5, init="seed", targets=targets)
+    train_briefly(model)
+    (root / "run").mkdir()  # like train.py --out
+    adapter = save_adapter(model, root / "run", base_model=str(folder))
+    with torch.no_grad():
+        return folder, model, model(TOKENS), adapter
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.filterwarnings(TIED_WARNING)
+def test_peft_reads_our_export_and_gives_our_logits(trained, tmp_path):
+    folder, model, ours, _ = trained
+    export_peft(model, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(folder),
+                                                tmp_path / "peft")
+    torch.testing.assert_close(hf_logits(peft_model), ours, rtol=0, atol=1e-4)
+
+
+def test_peft_export_config_and_keys(trained, tmp_path):
+    folder, model, _, _ = trained
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    first = next(iter(lora_modules(model).values()))
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 4 and config["lora_alpha"] == 0.5 * 4  # PEFT scales by lora_alpha / r
+    assert config["base_model_name_or_path"] == str(folder)
+    assert config["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
+    tensors = peft.utils.load_peft_weights(str(tmp_path / "peft"))
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(tensors[f"base_model.model.{name}.lora_A.weight"], first.lora_module[0].weight)
+    assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], first.lora_module[1].weight)
+    assert len(tensors) == 2 * len(lora_modules(model))
+
+
+def test_peft_export_from_our_adapter_file_equals_export_from_the_model(trained, tmp_path):
+    _, model, _, adapter = trained
+    export_peft(model, tmp_path / "from_model")
+    export_peft(adapter.parent, tmp_path / "from_file")  # train.py's --out folder, no model needed
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "from_model" / name).read_bytes() == (tmp_path / "from_file" / name).read_bytes()
+
+
+def test_a_peft_export_imported_back_gives_our_logits(trained, tmp_path):
+    folder, model, ours, _ = trained
+    export_peft(model, tmp_path / "peft")
+    fresh = Llama.from_pretrained(folder)
+    meta = import_peft(fresh, tmp_path / "peft")
+    assert meta["r"] == 4 and meta["alpha"] == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(TOKENS), ours, rtol=0, atol=1e-6)
+
+
+def test_transformers_reads_the_merged_folder_and_gives_our_logits(trained, tmp_path):
+    folder, model, ours, _ = trained
+    export_merged(model, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
+    assert lora_modules(model)  # exporting left our model as it was
+
+
+def test_merged_folder_has_the_base_files_and_unties_a_merged_lm_head(trained, tmp_path):
+    folder, model, _, _ = trained
+    export_merged(model, tmp_path / "merged")
+    out = tmp_path / "merged"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # tied base + LoRA on lm_head, or an untied base
+    assert config["dtype"] == "float32"
+
+
+def test_merged_export_keeps_a_tied_lm_head_without_lora_tied(tmp_path):
+    folder = write_tiny_model(tmp_path / "base", LLAMA3_GQA_TIED)
+    model = Llama.from_pretrained(folder)
+    add_lora(model, r=2, targets=["q_proj"])
+    with torch.no_grad():
+        ours = model(TOKENS)
+    export_merged(model, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
+
+
+def test_an_adapter_made_by_peft_gives_peft_logits_in_our_model(tmp_path):
+    folder = write_tiny_model(tmp_path / "base", LLAMA3_GQA_TIED)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",  # random B
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    peft_model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(folder), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    base = Llama.from_pretrained(folder)
+    with torch.no_grad():
+        base_logits = base(TOKENS)
+    meta = load_adapter(base, tmp_path / "peft")
+    assert meta["alpha"] == 2.0 and meta["targets"] == sorted(config.target_modules)
+    with torch.no_grad():
+        ours = base(TOKENS)
+    assert (ours - base_logits).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(ours, hf_logits(peft_model), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("use_dora", True), ("use_rslora", True), ("bias", "lora_only"), ("layers_to_transform", [0]),
+    ("layers_to_transform", 0), ("rank_pattern", {"q_proj": 2}), ("alpha_pattern", {"q_proj": 2}),
+    ("modules_to_save", ["lm_head"]), ("ensure_weight_tying", True),
+])
+@pytest.mark.filterwarnings(TIED_WARNING)
+def test_unsupported_peft_options_are_refused_by_name(trained, option, value, tmp_path):
+    folder, model, _, _ = trained
+    export_peft(model, tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, option: value}))
+    fresh = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=f"PEFT option {option}="):
+        import_peft(fresh, tmp_path / "peft")
+
+
+def test_lora_dropout_is_accepted(trained, tmp_path):
+    folder, model, ours, _ = trained
+    export_peft(model, tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "lora_dropout": 0.1}))
+    fresh = Llama.from_pretrained(folder)
+    import_peft(fresh, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(TOKENS), ours, rtol=0, atol=1e-6)  # dropout is off at inference
+
+
+def test_export_refuses_a_non_empty_out_dir(trained, tmp_path):
+    _, model, _, _ = trained
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_peft(model, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "lora.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("trained", ["tied_all_linear"], indirect=True)
+def test_cli_merged_export_end_to_end(trained, tmp_path):
+    folder, model, ours, adapter = trained
+    result = run_cli("export", "--adapter", adapter.parent, "--format", "merged", "--out", tmp_path / "m")
+    assert result.returncode == 0, result.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("trained", ["untied_qv"], indirect=True)
+def test_cli_peft_export_with_model_override(trained, tmp_path):
+    _, _, _, adapter = trained
+    result = run_cli("export", "--adapter", adapter, "--format", "peft", "--out", tmp_path / "p",
+                     "--model", "meta-llama/Llama-3.2-1B-Instruct")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "meta-llama/Llama-3.2-1B-Instruct"
+
+
+def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
+    result = run_cli("export", "--adapter", tmp_path / "missing", "--format", "peft", "--out", tmp_path / "p")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"lora.py: error: {tmp_path / 'missing'}: no such adapter file or folder"]
+    assert not (tmp_path / "p").exists()
