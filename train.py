@@ -179,13 +179,14 @@ def micro_batches(batch, pieces):
 
 @torch.no_grad()
 def validation_loss(model, samples, args, pad_id, device, dtype):
-    """Mean cross-entropy per tag token over the held-out quotes."""
+    """Mean cross-entropy per tag token over the held-out quotes: always the plain cross-entropy,
+    whatever --loss trains with, so that runs compare."""
     model.eval()
     total, count = 0.0, 0
     for batch in quotes.batches(samples, args.batch_size, pad_id, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
-            total += masked_loss_sum(model, batch, args.loss).item()
+            total += masked_loss_sum(model, batch, "ce").item()
         count += quotes.count_supervised(batch)
     model.train()
     return total / max(count, 1)
