@@ -260,7 +260,7 @@ def build_samples(tokenizer: QuoteTokenizer, pairs, max_len: int | None) -> tupl
         if sample is None:
             counts["dropped"] += 1
         else:
-            samples.append(sample)
+            samples.append({**sample, "quote": quote, "tags": tags})  # the text too, for evaluation
             counts["truncated"] += truncated
     return samples, counts
 

@@ -8,6 +8,7 @@ batches through one KV-cached generate call each, not one by one.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from train import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,  # prog: the same name under torchrun and tests
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help='prompts such as "<quote> | tags:"')
     p.add_argument("--prompts-file", help="file with one prompt a line")
     p.add_argument("--jsonl", action="store_true", help='print {"prompt", "completion"} a line, for scripts')
@@ -99,10 +101,14 @@ def load(args, device, dtype):
     """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in."""
     adapter = pick_adapter(args)
     meta = lora.read_adapter(adapter)[1] if adapter else None
-    name = args.model or (meta["base_model"] if meta else DEFAULT_MODEL)
+    name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # a PEFT adapter may record none
     model = Llama.from_pretrained(name, dtype=dtype, device=device)
     if adapter:
-        lora.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. another base name: one line, not file:line
+            warnings.simplefilter("always")
+            lora.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
+        for warning in caught:
+            print(f"sample.py: warning: {warning.message}", file=sys.stderr)
     return model, QuoteTokenizer.from_model_dir(model.model_dir)
 
 
@@ -117,6 +123,9 @@ def main(argv=None):
     except (ValueError, TypeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to clean up, no traceback
+        print("sample.py: interrupted", file=sys.stderr)
+        return 130
     for prompt, completion in zip(prompts, completions):
         print(json.dumps({"prompt": prompt, "completion": completion}) if args.jsonl else prompt + completion)
     return 0

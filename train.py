@@ -6,6 +6,10 @@ The method: every nn.Linear of the model becomes a LoraModule (frozen W plus alp
 and B start random, alpha starts small (0.125) and doubles after every epoch, and the loss is the
 cross-entropy of the predictions after the separator only. Multi-GPU: `torchrun --nproc_per_node N
 train.py ...` (DDP; rank 0 logs and writes).
+
+Exit status: 0 done (or --max-steps reached), 1 training failed (loss not finite, out of memory),
+2 bad input (flags, files, --out), 128 + signal when stopped by Ctrl-C (130) or SIGTERM (143) after
+writing a checkpoint. Plot an existing run: python -c "import train; train.plot('out')"
 """
 import argparse
 import json
@@ -35,19 +39,22 @@ RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "gra
 
 
 def positive(kind):
+    name = {int: "an integer", float: "a number"}[kind]
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):  # nan > 0 is False too
             raise argparse.ArgumentTypeError(f"{text!r} must be a positive {kind.__name__}")
         return value
     return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,  # prog: the same name under torchrun and tests
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or local HF folder of a Llama model")
     p.add_argument("--data", default=quotes.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for adapter, checkpoint and metrics.jsonl")
@@ -118,35 +125,60 @@ def setup_ddp():
     return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
 
 
-def prepare_out(args):
-    """Refuse to mix two runs in one folder, and never delete one: --overwrite moves it aside."""
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def close_ddp():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_out(args):
+    """Refuse to mix two runs in one folder, or to resume a run with other settings. Only reads, so
+    every rank can ask (and all refuse together), before minutes of model loading."""
     out = Path(args.out)
-    run_file = out / "run.json"
-    mine = {k: getattr(args, k) for k in RUN_FLAGS}
     if args.resume:
         if not (out / CHECKPOINT).is_file():
             raise FileNotFoundError(f"--resume: {out / CHECKPOINT} does not exist, nothing to resume")
-        theirs = json.loads(run_file.read_text())
+        theirs, mine = json.loads((out / "run.json").read_text()), {k: getattr(args, k) for k in RUN_FLAGS}
         changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {mine[k]!r}" for k in RUN_FLAGS if theirs.get(k) != mine[k]]
         if changed:
             raise ValueError(f"--resume: {out} holds a run with other settings: {', '.join(changed)}")
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds a run; pass --resume to continue it, "
+                              "--overwrite to start over (the old one is kept aside), or another --out")
+
+
+def prepare_out(args):
+    """The first write into --out (rank 0), once model, data and LoRA are set up: a run that fails
+    before it leaves --out as it was. --overwrite moves an old run aside, never deletes it."""
+    out = Path(args.out)
+    if args.resume:
+        for tmp in out.glob(".*.tmp"):  # a crash mid-write left it; the file it was to replace is whole
+            tmp.unlink()
         return
     if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise FileExistsError(f"--out {out} already holds a run; pass --resume to continue it, "
-                                  "--overwrite to start over (the old one is kept aside), or another --out")
         aside = next(out.with_name(f"{out.name}.old{i}") for i in range(1, 10**6) if not out.with_name(f"{out.name}.old{i}").exists())
         out.rename(aside)
         print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_file, lambda f: f.write_bytes(json.dumps(mine, indent=1).encode()))
+    mine = {k: getattr(args, k) for k in RUN_FLAGS}
+    write_atomic(out / "run.json", lambda f: f.write_bytes(json.dumps(mine, indent=1).encode()))
 
 
 def write_atomic(path, write):
-    """write(tmp_path) then rename over `path`: a crash mid-write leaves the previous file whole."""
+    """write(tmp_path) then rename over `path`: a crash mid-write leaves the previous file whole (and
+    at worst a hidden .NAME.tmp, which --resume deletes); an error mid-write deletes the temp."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -183,7 +215,8 @@ def validation_loss(model, samples, args, pad_id, device, dtype):
     whatever --loss trains with, so that runs compare."""
     model.eval()
     total, count = 0.0, 0
-    for batch in quotes.batches(samples, args.batch_size, pad_id, shuffle=False):
+    # Grouped by length (any fixed order gives the same sum): far less padding than file order.
+    for batch in quotes.batches(samples, args.batch_size, pad_id, shuffle=True, seed=0):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
             total += masked_loss_sum(model, batch, "ce").item()
@@ -244,6 +277,35 @@ class StopRequest:
         self.signal = signum
 
 
+def stop_signal(stop, world, device):
+    """The signal any rank received, or None. A signal may reach the ranks a step apart; they must all
+    leave the loop after the same step, or the ones still training would wait for the others forever."""
+    if world == 1:
+        return stop.signal
+    import torch.distributed as dist
+    flag = torch.tensor([stop.signal or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop.signal = int(flag) or None
+    return stop.signal
+
+
+def check_ranks_agree(raw_model, world, device):
+    """DDP keeps the copies equal by averaging gradients before every step; check it, not trust it:
+    rank 0 alone saves, so a diverged rank would otherwise go unnoticed."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    flat = torch.cat([t.detach().double().flatten() for t in lora.lora_state_dict(raw_model).values()])
+    weights = torch.arange(1, len(flat) + 1, device=flat.device, dtype=flat.dtype)  # sees swapped values too
+    mine = torch.stack([flat.sum(), (flat * weights).sum()]).to(device)
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if not all(torch.equal(everyone[0], other) for other in everyone):
+        raise RuntimeError(f"DDP ranks ended with different adapters (checksums {[c.tolist() for c in everyone]})")
+    if dist.get_rank() == 0:
+        print(f"all {world} processes end with the same adapter", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def alpha_at(args, epoch):
@@ -258,12 +320,14 @@ def train(args):
         device = f"cuda:{local_rank}"
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
-    if master:
-        prepare_out(args)
+    check_out(args)
+    barrier(world)  # every rank has read --out before rank 0 changes it
 
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen base in the compute dtype
     train_set, val_set, tokenizer, info = quotes.load_dataset(model.model_dir, args.data, args.max_len,
                                                               args.val_fraction, args.seed)
+    if not train_set:
+        raise ValueError(f"{args.data}: no quote left to train on (--max-len {args.max_len} too short?)")
     torch.manual_seed(args.seed)
     targets = None if args.targets == "all" else [t.strip() for t in args.targets.split(",") if t.strip()]
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init, targets=targets)
@@ -277,6 +341,10 @@ def train(args):
               f"{info['train']} train / {info['val']} val quotes; {quotes.describe_skips(info['skipped'])}; "
               f"device {device}, {str(dtype).replace('torch.', '')}, {world} process(es)", file=sys.stderr)
 
+    stop = StopRequest()  # from here on Ctrl-C and SIGTERM end the run after a step, with a checkpoint
+    if master:
+        prepare_out(args)
+    barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
     start = {"epoch": 0, "batches_done": 0, "step": 0}
     if args.resume:
         start = load_checkpoint(out, model, optimizer)
@@ -290,71 +358,87 @@ def train(args):
         metrics.log(kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=val_loss)
         print(f"validation loss before training: {val_loss:.4f}", file=sys.stderr)
 
-    stop, step = StopRequest(), start["step"]
+    step, last = start["step"], False
+    saved = step if args.resume else None  # the step of the checkpoint in --out
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     for epoch in range(start["epoch"], args.epochs):
         alpha = alpha_at(args, epoch)
         lora.set_alpha(raw_model, alpha)
         skip = start["batches_done"] if epoch == start["epoch"] else 0
-        t0, tokens_seen = time.time(), 0
+        t0, tokens_seen, epoch_done = time.time(), 0, False
         for i, batch in enumerate(quotes.batches(train_set, args.batch_size, pad_id, seed=args.seed, epoch=epoch)):
             if i < skip:
                 continue  # resuming mid-epoch: the order is a function of (seed, epoch), so skip what was done
             loss = train_step(model, optimizer, batch, args, rank, world, device, dtype)
             step += 1
             tokens_seen += int(batch["lengths"].sum())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; the last good checkpoint "
-                                         f"is kept in {out / CHECKPOINT} (try a lower --lr or alpha)")
-            state = {"epoch": epoch, "batches_done": i + 1, "step": step, "alpha": alpha}
-            if i + 1 == steps_per_epoch:
-                state.update(epoch=epoch + 1, batches_done=0)
+            if not math.isfinite(loss):  # train_step did not apply it: the weights are still the good ones
+                kept = f"the checkpoint of step {saved} in {out} is kept" if saved is not None else "no checkpoint yet"
+                raise FloatingPointError(f"loss became {loss} at step {step}; stopped, {kept} "
+                                         "(try a lower --lr or --alpha)")
             if master:
                 metrics.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
                             tokens_per_s=tokens_seen / (time.time() - t0))
                 progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, tokens_seen / (time.time() - t0))
-            last = (args.max_steps and step >= args.max_steps) or stop.signal
-            if master and (step % args.checkpoint_every == 0 or last) and i + 1 < steps_per_epoch:
-                save_checkpoint(out, raw_model, optimizer, state, args.model)
-            if last and i + 1 < steps_per_epoch:
-                return finish(stop, step, out, master)
+            last = bool(args.max_steps and step >= args.max_steps) or bool(stop_signal(stop, world, device))
+            epoch_done = i + 1 == steps_per_epoch
+            if not epoch_done and (last or step % args.checkpoint_every == 0):
+                if master:
+                    save_checkpoint(out, raw_model, optimizer, {"epoch": epoch, "batches_done": i + 1, "step": step,
+                                                                "alpha": alpha}, args.model)
+                saved = step
+            if last:
+                break
+        if epoch_done:
+            if master:
+                print(file=sys.stderr)
+                val_loss = validation_loss(raw_model, val_set, args, pad_id, device, dtype)
+                metrics.log(kind="eval", step=step, epoch=epoch + 1, alpha=alpha, val_loss=val_loss)
+                print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} (alpha {alpha})", file=sys.stderr)
+                save_checkpoint(out, raw_model, optimizer, {"epoch": epoch + 1, "batches_done": 0, "step": step,
+                                                            "alpha": alpha}, args.model)
+            saved = step
+        if last:
+            break
+    check_ranks_agree(raw_model, world, device)
+    if stop.signal:
         if master:
-            print(file=sys.stderr)
-            val_loss = validation_loss(raw_model, val_set, args, pad_id, device, dtype)
-            metrics.log(kind="eval", step=step, epoch=epoch + 1, alpha=alpha, val_loss=val_loss)
-            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} (alpha {alpha})", file=sys.stderr)
-            save_checkpoint(out, raw_model, optimizer, {"epoch": epoch + 1, "batches_done": 0, "step": step,
-                                                        "alpha": alpha}, args.model)
-        if (args.max_steps and step >= args.max_steps) or stop.signal:
-            return finish(stop, step, out, master)
+            print(f"\nstopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {out}, "
+                  "continue with --resume", file=sys.stderr)
+        return 128 + stop.signal
     if master and args.plot:
         plot(out)
-    return finish(stop, step, out, master)
+    return 0
 
 
 def train_step(model, optimizer, batch, args, rank, world, device, dtype):
-    """One optimizer step on one global batch. Every rank sees the whole batch, takes its share of
-    micro-batches, and divides by the supervised tokens of the whole batch: the gradient is then the
-    same however the batch is split over ranks and micro-steps."""
+    """One optimizer step on one global batch, skipped if the loss is not finite. Every rank sees the
+    whole batch, takes its share of micro-batches, and divides by the supervised tokens of the whole
+    batch: the gradient is then the same however the batch is split over ranks and micro-steps."""
     n_supervised = quotes.count_supervised(batch)
     mine = micro_batches(batch, world * args.grad_accum)[rank * args.grad_accum:(rank + 1) * args.grad_accum]
     total = torch.zeros((), device=device)
     for j, micro in enumerate(mine):
+        weight = 1.0
+        if not len(micro["lengths"]):
+            # An empty share (fewer rows than micro-batches): DDP all-reduces gradients only after
+            # a forward through it, and every rank must join, so run one real row, counted zero times.
+            micro, weight = micro_batches(batch, len(batch["lengths"]))[0], 0.0
         micro = {k: v.to(device) for k, v in micro.items()}
         if world > 1:  # sync gradients across ranks only once, after the last micro-step
             model.require_backward_grad_sync = j == len(mine) - 1
         with autocast(device, dtype):
-            loss_sum = masked_loss_sum(model, micro, args.loss) if len(micro["lengths"]) else None
-        if loss_sum is None:  # an empty share still joins DDP's gradient sync
-            loss_sum = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+            loss_sum = masked_loss_sum(model, micro, args.loss) * weight
         (loss_sum * world / n_supervised).backward()  # DDP averages over ranks; undo that
         total += loss_sum.detach()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(total)
-    return total.item() / n_supervised
+    loss = total.item() / n_supervised
+    if math.isfinite(loss):  # a step on an inf or NaN loss would carry it into the weights: skip it
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def progress(epoch, epochs, i, n, loss, alpha, tokens_per_s):
@@ -365,15 +449,9 @@ def progress(epoch, epochs, i, n, loss, alpha, tokens_per_s):
         print(line, file=sys.stderr, flush=True)
 
 
-def finish(stop, step, out, master):
-    if stop.signal and master:
-        name = signal.Signals(stop.signal).name
-        print(f"\nstopped by {name} at step {step}; checkpoint saved in {out}, continue with --resume", file=sys.stderr)
-        return 128 + stop.signal
-    return 0
-
-
 def plot(out):
+    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps."""
+    out = Path(out)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -399,8 +477,12 @@ def plot(out):
 
 def main(argv=None):
     args = parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return train(args)
+    except KeyboardInterrupt:  # Ctrl-C before StopRequest took it over, i.e. while loading
+        print("train.py: interrupted before training started; nothing was written to --out", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2
@@ -410,6 +492,10 @@ def main(argv=None):
         print(f"train.py: error: out of memory at --batch-size {args.batch_size}; try --batch-size "
               f"{max(1, args.batch_size // 2)} or --grad-accum {args.grad_accum * 2}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in handlers.items():  # main() may be called from Python (tests): hand signals back
+            signal.signal(sig, handler)
+        close_ddp()
 
 
 if __name__ == "__main__":

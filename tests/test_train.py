@@ -1,0 +1,308 @@
+"""train.py: the method (masked loss, alpha doubling, only LoRA trains), its files, DDP and resume.
+
+Oracles: cross-entropy computed by hand over the tag positions; the alpha the method prescribes;
+the base model's own weights, read again from its folder; a single-process run for DDP and for
+gradient accumulation; an uninterrupted run for resume (bit for bit, float32 on the CPU).
+"""
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora
+import train
+from data import QuoteTokenizer, collate, make_sample
+from llama import Llama
+from tiny_run import (PAIRS, ROOT, STEPS_PER_EPOCH, adapter, hashes, metrics, one_torch_thread, popen_script,
+                      run_script, tiny_model, train_args, write_quotes)
+
+EPOCHS = 3
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tiny model folder, quotes file)."""
+    return tiny_model(tmp_path_factory), write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl")
+
+
+def three_epoch_args(setup, out, *more):
+    return train_args(*setup, out, "--epochs", EPOCHS, *more)
+
+
+@pytest.fixture(scope="module")
+def three_epochs(setup, tmp_path_factory):
+    """A 3-epoch run through train.main, watched from inside: the model it trains, the LoRA weights
+    it starts from, what it hands to AdamW, and what each checkpoint save wrote."""
+    out = tmp_path_factory.mktemp("three_epochs") / "out"
+    seen = {"saves": []}
+    real_add_lora, real_adamw, real_save = lora.add_lora, torch.optim.AdamW, train.save_checkpoint
+
+    def add_lora(model, **kwargs):
+        names = real_add_lora(model, **kwargs)
+        seen["model"] = model
+        seen["initial"] = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+        return names
+
+    def adamw(params, **kwargs):
+        seen["optimized"] = list(params)
+        return real_adamw(seen["optimized"], **kwargs)
+
+    def save_checkpoint(out, raw_model, optimizer, state, base_model):
+        real_save(out, raw_model, optimizer, state, base_model)
+        ckpt = torch.load(out / train.CHECKPOINT, weights_only=False)
+        saved_alpha = lora.read_adapter(out / lora.ADAPTER_FILE)[1]["alpha"]
+        seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora, "add_lora", add_lora)
+        mp.setattr(torch.optim, "AdamW", adamw)
+        mp.setattr(train, "save_checkpoint", save_checkpoint)
+        assert train.main(three_epoch_args(setup, out, "--plot")) == 0
+    return out, seen
+
+
+# ----------------------------------------------------------------------------- the loss
+
+@pytest.fixture(scope="module")
+def model_and_batch(setup):
+    model_dir, _ = setup
+    model = Llama.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    lora.add_lora(model, r=4, alpha=0.5)  # seed init: the adapter already changes the logits
+    tokenizer = QuoteTokenizer.from_model_dir(model_dir)
+    samples = [make_sample(tokenizer, quote, tags) for quote, tags in PAIRS[:3]]
+    return model, samples, tokenizer.eos_id
+
+
+def loss_by_hand(model, samples, squash=lambda logits: logits):
+    """Sum over samples of -log softmax(logits at i)[output_tokens[i]], for i from sep_token_index on."""
+    total = torch.zeros((), dtype=torch.float64)
+    for s in samples:
+        with torch.no_grad():
+            logits = model(torch.tensor([s["input_tokens"]]))[0]  # (T, vocab): every position, one sample
+        for i in range(s["sep_token_index"], len(s["input_tokens"])):
+            total -= F.log_softmax(squash(logits[i]).double(), dim=-1)[s["output_tokens"][i]]
+    return total
+
+
+def test_masked_loss_is_cross_entropy_over_the_tag_positions_by_hand(model_and_batch):
+    model, samples, pad = model_and_batch
+    with torch.no_grad():
+        got = train.masked_loss_sum(model, collate(samples, pad), "ce")
+    torch.testing.assert_close(got.double(), loss_by_hand(model, samples), rtol=1e-5, atol=0)
+
+
+def test_sigmoid_ce_is_cross_entropy_of_sigmoid_logits_by_hand(model_and_batch):
+    model, samples, pad = model_and_batch
+    with torch.no_grad():
+        got = train.masked_loss_sum(model, collate(samples, pad), "sigmoid-ce")
+    torch.testing.assert_close(got.double(), loss_by_hand(model, samples, torch.sigmoid), rtol=1e-5, atol=0)
+
+
+def test_targets_up_to_the_separator_do_not_count(model_and_batch):
+    """output_tokens[:sep] are the quote and the separator: context, never a target. Changing them
+    (the inputs stay the same) leaves the loss bit for bit; changing a tag token does not."""
+    model, samples, pad = model_and_batch
+
+    def with_targets(edit):
+        changed = [dict(s, output_tokens=edit(s["output_tokens"], s["sep_token_index"])) for s in samples]
+        with torch.no_grad():
+            return train.masked_loss_sum(model, collate(changed, pad), "ce")
+
+    same = with_targets(lambda out, sep: out)
+    assert torch.equal(with_targets(lambda out, sep: [7] * sep + out[sep:]), same)
+    assert not torch.equal(with_targets(lambda out, sep: out[:sep] + [7] + out[sep + 1:]), same)
+
+
+# ----------------------------------------------------------------------------- the method over a run
+
+def test_alpha_doubles_every_epoch(three_epochs):
+    out, _ = three_epochs
+    alphas = {r["epoch"]: r["alpha"] for r in metrics(out, "step")}
+    assert alphas == {0: 0.125, 1: 0.25, 2: 0.5}
+    assert [(r["epoch"], r["alpha"]) for r in metrics(out, "eval")] == [(0, 0.125), (1, 0.125), (2, 0.25), (3, 0.5)]
+    assert lora.read_adapter(out)[1]["alpha"] == 0.5
+
+
+def test_constant_schedule_keeps_alpha(setup, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--epochs", 2, "--alpha-schedule", "constant", "--alpha", 0.3)) == 0
+    assert {r["alpha"] for r in metrics(out)} == {0.3}
+    assert lora.read_adapter(out)[1]["alpha"] == 0.3
+
+
+def test_only_the_lora_weights_change(setup, three_epochs):
+    _, seen = three_epochs
+    trained, fresh = seen["model"], Llama.from_pretrained(setup[0])
+    base = {k: v for k, v in trained.state_dict().items() if ".lora_module." not in k}
+    base = {k.replace(".original_module", ""): v for k, v in base.items()}
+    assert base.keys() == fresh.state_dict().keys()
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in base.items())  # bit for bit
+    final = lora.lora_state_dict(trained)
+    assert all(not torch.equal(final[k], v) for k, v in seen["initial"].items())  # every A and every B moved
+
+
+def test_adamw_gets_the_lora_parameters_only(three_epochs):
+    _, seen = three_epochs
+    model = seen["model"]
+    assert {id(p) for p in seen["optimized"]} == {id(p) for p in lora.lora_parameters(model)}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in seen["optimized"]}
+
+
+def test_metrics_adapter_and_checkpoint_are_written_every_epoch(three_epochs):
+    out, seen = three_epochs
+    # (checkpoint step, its epoch, the alpha in adapter.safetensors) read back after each save
+    assert seen["saves"] == [(5, 1, 0.125), (10, 2, 0.25), (15, 3, 0.5)]
+    assert [r["step"] for r in metrics(out, "step")] == list(range(1, TOTAL_STEPS + 1))
+    assert [(r["step"], r["epoch"]) for r in metrics(out, "eval")] == [(0, 0), (5, 1), (10, 2), (15, 3)]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in metrics(out, "step"))
+    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt", "loss.png"}
+
+
+def test_plot_writes_loss_png(three_epochs, tmp_path):
+    out, _ = three_epochs
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "loss.png").unlink()
+    train.plot(str(copy))  # an existing --out folder, without training
+    assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the same step, split
+
+def test_grad_accumulation_equals_one_big_batch(setup, tmp_path):
+    for accum in (1, 2):
+        assert train.main(train_args(*setup, tmp_path / f"accum{accum}", "--max-steps", 3, "--grad-accum", accum)) == 0
+    one, two = adapter(tmp_path / "accum1"), adapter(tmp_path / "accum2")
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process(setup, tmp_path):
+    """torchrun, gloo: 10 train quotes in batches of 3, so the last batch (1 row) leaves rank 1 an
+    empty share. train.py checks at the end that both ranks hold the same adapter; rank 0's must
+    equal a single process that splits the same global batch into the same two micro-batches."""
+    model_dir, _ = setup
+    data = write_quotes(tmp_path / "eleven.jsonl", n=11)
+    flags = lambda out, *more: train_args(model_dir, data, out, "--batch-size", 3, *more)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    ddp = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+                      ROOT / "train.py", *flags(tmp_path / "ddp")], cwd=cwd, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "all 2 processes end with the same adapter" in ddp.stderr
+    assert train.main(flags(tmp_path / "single", "--grad-accum", 2)) == 0
+    both, single = adapter(tmp_path / "ddp"), adapter(tmp_path / "single")
+    assert all(torch.allclose(both[k], single[k], rtol=0, atol=1e-5) for k in single)
+    # only rank 0 writes: one metrics row per step, nothing beside --out
+    assert [r["step"] for r in metrics(tmp_path / "ddp", "step")] == [1, 2, 3, 4]
+    assert set(hashes(tmp_path / "ddp")) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt"}
+    assert list(cwd.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def test_resume_after_max_steps_is_bit_for_bit(setup, three_epochs, tmp_path):
+    """Stop at step 7 (mid epoch 2), resume to the end: same losses step by step (same batches in
+    the same order), same final adapter and AdamW moments as the uninterrupted run."""
+    whole, _ = three_epochs
+    out = tmp_path / "out"
+    assert train.main(three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2, "--max-steps", 7)) == 0
+    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 7
+    assert train.main(three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2, "--resume")) == 0
+    assert [r["loss"] for r in metrics(out, "step")] == [r["loss"] for r in metrics(whole, "step")]
+    assert all(torch.equal(v, adapter(whole)[k]) for k, v in adapter(out).items())
+    theirs, mine = (torch.load(d / train.CHECKPOINT, weights_only=False)["optimizer"] for d in (whole, out))
+    assert all(torch.equal(mine["state"][i][m], theirs["state"][i][m])
+               for i in theirs["state"] for m in ("step", "exp_avg", "exp_avg_sq"))
+
+
+SLOW_STEPS = """
+import sys, time, train
+real_step = train.train_step
+def slow_step(*args):  # the same step, 0.2 s later: room to kill the process in mid-run
+    time.sleep(0.2)
+    return real_step(*args)
+train.train_step = slow_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_is_bit_for_bit(setup, three_epochs, tmp_path):
+    whole, _ = three_epochs
+    out = tmp_path / "out"
+    args = three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2)
+    proc = popen_script(["-c", SLOW_STEPS, *args])
+    deadline = time.time() + 120
+    while not (out / train.CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    killed_at = torch.load(out / train.CHECKPOINT, weights_only=False)["step"]
+    assert killed_at < TOTAL_STEPS
+    assert train.main(args + ["--resume"]) == 0
+    assert all(torch.equal(v, adapter(whole)[k]) for k, v in adapter(out).items())
+    # the rows the killed run logged after its checkpoint are dropped, then written again
+    assert [r["step"] for r in metrics(out, "step")] == list(range(1, TOTAL_STEPS + 1))
+    assert not [name for name in hashes(out) if name.startswith(".")]
+
+
+DIES_IN_SECOND_SAVE = """
+import io, os, sys, torch, train
+real_save, calls = torch.save, []
+def dying_save(obj, path):
+    calls.append(path)
+    if len(calls) == 1:
+        return real_save(obj, path)
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    os._exit(3)  # dies mid-write, as on SIGKILL or power loss: no finally, no cleanup
+torch.save = dying_save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(setup, tmp_path):
+    """The second checkpoint (step 4) dies half written: checkpoint.pt is still step 2's and loads;
+    the half file is the hidden .checkpoint.pt.tmp, which --resume deletes before it goes on."""
+    out = tmp_path / "out"
+    args = train_args(*setup, out, "--checkpoint-every", 2)
+    died = run_script(["-c", DIES_IN_SECOND_SAVE, *args])
+    assert died.returncode == 3, died.stderr[-3000:]
+    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 2
+    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt",
+                                ".checkpoint.pt.tmp"}
+    assert train.main(args + ["--resume", "--max-steps", "4"]) == 0
+    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 4
+    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt"}
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("ne")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        train.write_atomic(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    train.write_atomic(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

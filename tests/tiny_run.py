@@ -1,0 +1,88 @@
+"""Small training runs for the tests of train.py and sample.py.
+
+A tiny random Llama (tiny.py), twenty quotes that its tokenizer knows, and the flags that keep a run
+to a second: float32 on the CPU (deterministic, so runs can be compared bit for bit), --max-len 64,
+batches of 4 (18 train quotes: 5 steps an epoch). Scripts run either as a user runs them (a
+subprocess) or through their main() (faster; used where nothing depends on the process itself).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = [(s.split(" | tags: ")[0], s.split(" | tags: ")[1].split(", ")) for s in tiny.SENTENCES[:5]]
+STEPS_PER_EPOCH = 5  # 20 quotes, 2 held out, batches of 4
+_model_dirs = {}
+
+
+@contextmanager
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_model(tmp_path_factory):
+    """The tiny LLAMA3_GQA_TIED folder, written once per test session."""
+    if "tiny" not in _model_dirs:
+        _model_dirs["tiny"] = tiny.write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return _model_dirs["tiny"]
+
+
+def write_quotes(path, n=20):
+    """n JSONL rows {"quote", "tags"} cycling through tiny.SENTENCES."""
+    rows = [{"quote": PAIRS[i % len(PAIRS)][0], "tags": PAIRS[i % len(PAIRS)][1]} for i in range(n)]
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
+
+
+def train_args(model, data, out, *more):
+    """argv of a small deterministic run; `more` adds or repeats flags (argparse keeps the last)."""
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--epochs", "1", "--max-len", "64",
+            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", *map(str, more)]
+
+
+def run_script(argv, cwd=ROOT, timeout=180, **kwargs):
+    """Run a Python command line (['train.py', ...] or ['-c', code, ...]) in a fresh interpreter."""
+    script = [str(ROOT / argv[0])] if argv[0].endswith(".py") else [argv[0]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *script, *map(str, argv[1:])], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def popen_script(argv, cwd=ROOT):
+    """Like run_script, but returns at once: for signals sent while it runs."""
+    script = [str(ROOT / argv[0])] if argv[0].endswith(".py") else [argv[0]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *script, *map(str, argv[1:])], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def hashes(folder):
+    """{file name: sha256} of everything in a folder, hidden files included."""
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def adapter(folder):
+    """The LoRA tensors train.py saved in an --out folder."""
+    return load_file(Path(folder) / "adapter.safetensors")
+
+
+def metrics(folder, kind=None):
+    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
