@@ -42,8 +42,9 @@ def parse_args(argv=None):
 
 
 def parse_tags(completion):
-    """' love, life\\n...' -> {'love', 'life'}: the first line, split at commas, lower-cased."""
-    line = completion.strip().split("\n")[0]
+    """' love, life\\n...' -> {'love', 'life'}: the rest of the prompt's line, split at commas,
+    lower-cased. A model that starts a new line instead ("\\n\\nThe answer is") wrote no tags."""
+    line = completion.split("\n")[0]
     return {t.strip().lower() for t in line.split(",") if t.strip()}
 
 
