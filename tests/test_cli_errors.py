@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import lora
 import sample
 import train
@@ -250,7 +251,7 @@ def test_a_signal_checkpoints_and_exits_128_plus_its_number(setup, tmp_path, sig
     assert proc.returncode == 128 + sig
     step = metrics(out, "step")[-1]["step"]
     assert last_line(err) == f"stopped by {sig.name} at step {step}; checkpoint saved in {out}, continue with --resume"
-    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == step
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == step
     assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt"}
 
 

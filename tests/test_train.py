@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import lora
 import train
 from data import QuoteTokenizer, collate, make_sample
@@ -60,7 +61,7 @@ def three_epochs(setup, tmp_path_factory):
 
     def save_checkpoint(out, raw_model, optimizer, state, base_model):
         real_save(out, raw_model, optimizer, state, base_model)
-        ckpt = torch.load(out / train.CHECKPOINT, weights_only=False)
+        ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
         saved_alpha = lora.read_adapter(out / lora.ADAPTER_FILE)[1]["alpha"]
         seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
 
@@ -176,7 +177,7 @@ def test_plot_writes_loss_png(three_epochs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "loss.png").unlink()
-    train.plot(str(copy))  # an existing --out folder, without training
+    checkpoint.plot(str(copy))  # an existing --out folder, without training
     assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -219,11 +220,11 @@ def test_resume_after_max_steps_is_bit_for_bit(setup, three_epochs, tmp_path):
     whole, _ = three_epochs
     out = tmp_path / "out"
     assert train.main(three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2, "--max-steps", 7)) == 0
-    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 7
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == 7
     assert train.main(three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2, "--resume")) == 0
     assert [r["loss"] for r in metrics(out, "step")] == [r["loss"] for r in metrics(whole, "step")]
     assert all(torch.equal(v, adapter(whole)[k]) for k, v in adapter(out).items())
-    theirs, mine = (torch.load(d / train.CHECKPOINT, weights_only=False)["optimizer"] for d in (whole, out))
+    theirs, mine = (torch.load(d / checkpoint.CHECKPOINT, weights_only=False)["optimizer"] for d in (whole, out))
     assert all(torch.equal(mine["state"][i][m], theirs["state"][i][m])
                for i in theirs["state"] for m in ("step", "exp_avg", "exp_avg_sq"))
 
@@ -245,12 +246,12 @@ def test_resume_after_sigkill_is_bit_for_bit(setup, three_epochs, tmp_path):
     args = three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2)
     proc = popen_script(["-c", SLOW_STEPS, *args])
     deadline = time.time() + 120
-    while not (out / train.CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / checkpoint.CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
-    killed_at = torch.load(out / train.CHECKPOINT, weights_only=False)["step"]
+    killed_at = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"]
     assert killed_at < TOTAL_STEPS
     assert train.main(args + ["--resume"]) == 0
     assert all(torch.equal(v, adapter(whole)[k]) for k, v in adapter(out).items())
@@ -283,11 +284,11 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(setup, tm
     args = train_args(*setup, out, "--checkpoint-every", 2)
     died = run_script(["-c", DIES_IN_SECOND_SAVE, *args])
     assert died.returncode == 3, died.stderr[-3000:]
-    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 2
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == 2
     assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt",
                                 ".checkpoint.pt.tmp"}
     assert train.main(args + ["--resume", "--max-steps", "4"]) == 0
-    assert torch.load(out / train.CHECKPOINT, weights_only=False)["step"] == 4
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == 4
     assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt"}
 
 
@@ -300,9 +301,9 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
         raise OSError("No space left on device")
 
     with pytest.raises(OSError):
-        train.write_atomic(path, half_then_fail)
+        checkpoint.write_atomic(path, half_then_fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
-    train.write_atomic(path, lambda tmp: tmp.write_text("new"))
+    checkpoint.write_atomic(path, lambda tmp: tmp.write_text("new"))
     assert path.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
