@@ -30,6 +30,8 @@ def check_out(args):
     """Refuse to mix two runs in one folder, or to resume a run with other settings. Only reads, so
     every rank can ask (and all refuse together), before minutes of model loading."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file, expected a folder (new, empty, or holding a run)")
     if args.resume:
         if not (out / CHECKPOINT).is_file():
             raise FileNotFoundError(f"--resume: {out / CHECKPOINT} does not exist, nothing to resume")

@@ -9,24 +9,26 @@ so the adapter never saw them.
 """
 import argparse
 import json
+import math
 import re
 import sys
 import time
 
 import data as quotes
 from sample import complete, load
-from train import pick_device, pick_dtype, positive, validation_loss
+from train import pick_device, pick_dtype, positive, seed, validation_loss
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__,  # prog: the same name when called from tests
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="hub id or HF folder (default: the adapter's base model)")
     p.add_argument("--adapter", default=None, help="train.py --out folder, adapter file or PEFT folder")
     p.add_argument("--no-adapter", action="store_true", help="score the base model alone")
     p.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
     p.add_argument("--data", default=quotes.DEFAULT_DATASET, help="the same --data train.py used")
     p.add_argument("--n", type=positive(int), default=250, help="held-out quotes to write tags for")
-    p.add_argument("--seed", type=int, default=0, help="train.py's --seed (it fixes the split)")
+    p.add_argument("--seed", type=seed, default=0, help="train.py's --seed (it fixes the split)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train.py's --val-fraction")
     p.add_argument("--max-len", type=positive(int), default=256, help="train.py's --max-len")
     p.add_argument("--max-new-tokens", type=positive(int), default=32, help="tokens generated per quote")
@@ -37,6 +39,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.adapter and not args.no_adapter:
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
+    if args.adapter and args.no_adapter:
+        p.error("--adapter and --no-adapter contradict each other")
+    if not 0 < args.val_fraction < 1:  # 0 would leave no quote to score
+        p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
+        p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     args.temperature, args.top_k, args.top_p, args.loss = 0.0, None, None, "ce"  # greedy, as sample.py's default
     return args
 
@@ -71,6 +79,9 @@ def evaluate(args):
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load(args, device, dtype)
     _, val, _, _ = quotes.load_dataset(model.model_dir, args.data, args.max_len, args.val_fraction, args.seed)
+    if not val:
+        raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction {args.val_fraction} of the "
+                         "usable quotes rounds to none)")
     t0 = time.time()
     result = {"val_loss": validation_loss(model, val, args, tokenizer.eos_id, device, dtype)}
     held_out = val[:args.n]
@@ -91,6 +102,9 @@ def main(argv=None):
     except (ValueError, TypeError, OSError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or scoring: nothing was written, no traceback
+        print("eval.py: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps({"adapter": None if args.no_adapter else args.adapter, "alpha": args.alpha, **result}))
     return 0
 

@@ -42,7 +42,8 @@ def check_r(r):
 def check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number (int or float), got {type(alpha).__name__} {alpha!r}")
-    if not math.isfinite(alpha) or alpha < 0:  # alpha = 0 is meaningful: the adapter is switched off
+    if abs(alpha) > 1e300 or not math.isfinite(alpha) or alpha < 0:  # (an int past float range too)
+        # alpha = 0 is meaningful: the adapter is switched off.
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
     return float(alpha)
 
@@ -88,7 +89,7 @@ class LoraModule(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_module[0].weight.dtype)
         z = self.lora_module(x)
-        return y + (self.alpha * z).to(y.dtype)
+        return torch.add(y, z.to(y.dtype), alpha=self.alpha)  # y + alpha * z in one pass over y
 
     def set_alpha(self, new_alpha):
         self.alpha = check_alpha(new_alpha)

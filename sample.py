@@ -7,6 +7,7 @@ batches through one KV-cached generate call each, not one by one.
 """
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import lora
 from data import QuoteTokenizer
 from llama import DEFAULT_MODEL, Llama, generate
-from train import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive
+from train import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, seed
 
 
 def parse_args(argv=None):
@@ -33,15 +34,17 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=positive(int), default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of probability >= p")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the sampler")
     p.add_argument("--batch-size", type=positive(int), default=16, help="prompts generated together")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="compute dtype")
     args = p.parse_args(argv)
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan would reach the sampler
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0 switches the adapter off
+        p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return args

@@ -14,6 +14,7 @@ writing a checkpoint. Plot an existing run: python checkpoint.py plot out
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -45,6 +46,17 @@ def positive(kind):
     return parse
 
 
+def seed(text):
+    """--seed: torch and numpy take seeds in [0, 2**64); a negative one fails only later, in numpy."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to 2**64 - 1")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__,  # prog: the same name under torchrun and tests
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype: the frozen base is stored in it and autocast runs in it; LoRA stays float32")
-    p.add_argument("--seed", type=int, default=0, help="seeds LoRA init, the split and the data order")
+    p.add_argument("--seed", type=seed, default=0, help="seeds LoRA init, the split and the data order")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of quotes held out for validation")
     p.add_argument("--max-len", type=positive(int), default=256, help="longest sample in tokens; longer quotes are cut")
     p.add_argument("--checkpoint-every", type=positive(int), default=100, help="also checkpoint every N steps")
@@ -87,12 +99,15 @@ def parse_args(argv=None):
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cuda(:[0-9]+)?|mps|cpu", name):
+        raise ValueError(f"--device {name}: expected auto, cuda, cuda:N, mps or cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available on this machine (try --device cpu)")
-    if name.split(":")[0] not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device {name}: expected auto, cuda, cuda:N, mps or cpu")
     return name
 
 
@@ -251,6 +266,7 @@ def train(args):
     if master:
         print(f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={args.r}); "
               f"{info['train']} train / {info['val']} val quotes; {quotes.describe_skips(info['skipped'])}; "
+              f"{info['truncated']} cut and {info['dropped']} dropped to fit --max-len {args.max_len}; "
               f"device {device}, {str(dtype).replace('torch.', '')}, {world} process(es)", file=sys.stderr)
 
     stop = StopRequest()  # from here on Ctrl-C and SIGTERM end the run after a step, with a checkpoint
