@@ -6,16 +6,15 @@ A Linear layer computes y = W x with W (out, in). LoRA leaves W alone and learns
 
 so a 2048x2048 projection trains 2 * 8 * 2048 numbers instead of 4 million. The method here wraps
 every nn.Linear of Llama (lm_head included) in a `LoraModule`, starts with a small alpha and doubles
-it each epoch. Below: the module, putting it into a model, merging it back into W, saving and
-loading adapters, exporting to the PEFT format and to a merged Hugging Face folder, and a CLI.
+it each epoch. Below: the module, putting it into a model, merging it back into W, and saving and
+loading adapters (ours, and PEFT's). Exporting to PEFT or to a merged model: export.py, also run as
+`python lora.py export ...`.
 """
-import argparse
 import json
 import math
 import numbers
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -42,10 +41,13 @@ def check_r(r):
 def check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number (int or float), got {type(alpha).__name__} {alpha!r}")
-    if abs(alpha) > 1e300 or not math.isfinite(alpha) or alpha < 0:  # (an int past float range too)
-        # alpha = 0 is meaningful: the adapter is switched off.
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int past float range
+        value = math.inf
+    if not math.isfinite(value) or value < 0:  # alpha = 0 is meaningful: the adapter is switched off
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
-    return float(alpha)
+    return value
 
 
 def check_init(init):
@@ -380,115 +382,6 @@ def import_peft(model, peft_dir, alpha=None, expected_base=None):
     return load_adapter(model, peft_dir, alpha, expected_base)
 
 
-def check_out_dir(out_dir):
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite it")
-
-
-@contextmanager
-def _new_folder(out_dir):
-    """Yield a temp folder next to out_dir, renamed to out_dir once complete: never a half export."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private to us
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def export_peft(source, out_dir, base_model=None):
-    """Write a PEFT adapter folder from a model with LoRA or from an adapter path (no base needed)."""
-    tensors, meta = read_adapter(source) if isinstance(source, (str, Path)) else _adapter_of_model(source)
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=meta["r"], lora_alpha=meta["alpha"] * meta["r"],
-                  target_modules=meta["targets"], base_model_name_or_path=base_model or meta["base_model"] or None,
-                  bias="none", use_dora=False, use_rslora=False, fan_in_fan_out=False, lora_dropout=0.0,
-                  init_lora_weights=True, inference_mode=True)
-    peft = {}
-    for key, t in tensors.items():
-        name, i = re.fullmatch(r"(.+)\.lora_module\.([01])\.weight", key).groups()
-        peft[f"base_model.model.{name}.lora_{'AB'[int(i)]}.weight"] = t.to("cpu").contiguous()
-    with _new_folder(out_dir) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
-
-
-# ----------------------------------------------------------------------------- merged HF export
-
-WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pth|pt|gguf)|model\.safetensors\.index\.json|config\.json")
-
-
-def export_merged(model, out_dir, dtype=None):
-    """Write a plain Hugging Face folder with LoRA folded into the weights: any Llama loader
-    (transformers, vLLM, llama.cpp's converter) reads it without knowing about LoRA. The model
-    itself is left as it is. dtype defaults to the base checkpoint's."""
-    model_dir = getattr(model, "model_dir", None)
-    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
-        raise ValueError("export_merged needs model.model_dir, the base's HF folder (config, tokenizer)")
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    saved = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
-    dtype = dtype or (saved if isinstance(saved, torch.dtype) else next(model.parameters()).dtype)
-    # One tensor at a time into the saved dtype: a float32 copy of every merged weight would
-    # double the memory of the float32 model.
-    tensors = {f"{name}.weight": m.merged_weight().to("cpu", dtype).contiguous()
-               for name, m in lora_modules(model).items()}
-    for name, p in model.named_parameters():  # yields a tied lm_head.weight not at all
-        if ".lora_module." not in name and ".original_module." not in name:
-            tensors[name] = p.detach().to("cpu", dtype).contiguous()
-    # Still tied only if lm_head.weight is still the embedding (merging LoRA into it unties it).
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    with _new_folder(out_dir) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in model_dir.iterdir():  # tokenizer, generation config, license travel with the weights
-            if f.is_file() and not WEIGHT_FILES.fullmatch(f.name):
-                shutil.copy(f, tmp / f.name)
-    return Path(out_dir)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="lora.py", description="Tools for LoRA adapters made by train.py.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="convert an adapter to PEFT or to a merged HF model folder",
-                                 description="Convert an adapter to a PEFT adapter folder or a merged HF model.")
-    export.add_argument("--adapter", required=True,
-                        help="train.py's --out folder, an adapter .safetensors file, or a PEFT adapter folder")
-    export.add_argument("--format", required=True, choices=["peft", "merged"],
-                        help="peft: adapter_config.json + adapter_model.safetensors for peft.PeftModel; "
-                             "merged: a full HF model folder with LoRA folded into the weights")
-    export.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
-    export.add_argument("--model", help="base model (hub id or local folder); default: the one the "
-                                        "adapter records. For peft it only sets base_model_name_or_path")
-    args = parser.parse_args(argv)
-    try:
-        check_out_dir(args.out)  # before loading a 1B model, not after
-        if args.format == "peft":
-            export_peft(args.adapter, args.out, base_model=args.model)
-        else:
-            base = args.model or read_adapter(args.adapter)[1]["base_model"]
-            if not base:
-                raise ValueError(f"{args.adapter} does not record its base model; pass --model")
-            from llama import Llama  # only the merged export needs the model
-            model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in float32, save in the base's dtype
-            load_adapter(model, args.adapter)
-            export_merged(model, args.out)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        parser.exit(2, f"lora.py: error: {' '.join(str(e).split())}\n")
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python lora.py export ...`: the exports live in export.py
+    from export import main
     main()

@@ -25,6 +25,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import eval as eval_py
+import export
 import lora
 import sample
 import train
@@ -59,7 +60,7 @@ def stubs():
         raise Parsed(args)
 
     patches = [(train.Llama, "from_pretrained"), (sample, "load"), (eval_py, "load"),
-               (lora, "export_peft"), (lora, "read_adapter")]
+               (export, "export_peft"), (export, "read_adapter")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
     for owner, name in patches:
         setattr(owner, name, raise_parsed)
@@ -141,7 +142,7 @@ def argvs(flags):
 TRAIN_FLAGS = help_flags(train.main)
 SAMPLE_FLAGS = help_flags(sample.main)
 EVAL_FLAGS = help_flags(eval_py.main)
-EXPORT_FLAGS = help_flags(lora.main, ["export"])
+EXPORT_FLAGS = help_flags(export.main, ["export"])
 
 
 def test_the_flag_lists_come_from_the_help_texts():
@@ -226,7 +227,7 @@ def test_eval_answers_any_argv(argv):
 @FUZZ
 @given(argv=argvs(EXPORT_FLAGS), subcommand=st.sampled_from([["export"], ["export"], [], ["import"]]))
 def test_lora_export_answers_any_argv(argv, subcommand):
-    check_answer(lora.main, "lora.py", subcommand + argv)
+    check_answer(export.main, "lora.py", subcommand + argv)
 
 
 # ----------------------------------------------------------------------------- the LoRA validators

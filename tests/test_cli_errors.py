@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import export
 import lora
 import sample
 import train
@@ -315,7 +316,7 @@ def test_sample_refuses_an_adapter_whose_tensors_are_not_of_its_rank(setup, adap
 
 
 def test_sample_refuses_a_peft_dora_adapter_by_name(setup, adapter_file, tmp_path, capsys):
-    folder = lora.export_peft(adapter_file, tmp_path / "peft")
+    folder = export.export_peft(adapter_file, tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     message = sample_error(capsys, "--model", setup[0], "--adapter", folder, PAIRS[0][0])

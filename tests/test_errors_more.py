@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import eval as eval_py
+import export
 import lora
 import sample
 import train
@@ -246,11 +247,11 @@ def test_eval_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
 def test_export_refuses_a_peft_option_by_name_and_writes_nothing(setup, tmp_path, capsys, option, value):
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    folder = lora.export_peft(lora.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])), tmp_path / "peft")
+    folder = export.export_peft(lora.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])), tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))
     for form in ["peft", "merged"]:
-        code, line = main_of(lora, capsys, ["export", "--adapter", folder, "--format", form, "--out", tmp_path / "out"])
+        code, line = main_of(export, capsys, ["export", "--adapter", folder, "--format", form, "--out", tmp_path / "out"])
         assert (code, line) == (2, f"lora.py: error: {folder}: PEFT option {option}={value!r} is not supported "
                                    "(plain LoRA only)")
         assert not (tmp_path / "out").exists()

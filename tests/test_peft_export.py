@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import transformers
 
 from llama import Llama
-from lora import (add_lora, export_merged, export_peft, import_peft, load_adapter, lora_modules,
+from export import export_merged, export_peft
+from lora import (add_lora, import_peft, load_adapter, lora_modules,
                   lora_parameters, save_adapter)
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
 
