@@ -1,0 +1,89 @@
+"""kernels.py: hand-written backward passes against autograd's, and forwards against the plain formulas.
+
+Oracles: torch.autograd.gradcheck (finite differences in float64) for each backward, the plain
+formula with autograd for values and gradients, and PyTorch's scaled_dot_product_attention.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+f64 = dict(dtype=torch.float64)
+
+
+def rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).requires_grad_()
+
+
+def test_rms_norm_backward_passes_gradcheck():
+    x, w = rand(3, 4, 7), rand(7, seed=1)
+    assert torch.autograd.gradcheck(lambda x, w: kernels.RMSNormFunction.apply(x, w, 1e-5), (x, w))
+
+
+def test_swiglu_backward_passes_gradcheck():
+    assert torch.autograd.gradcheck(kernels.SwiGLUFunction.apply, (rand(3, 5), rand(3, 5, seed=1)))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])  # grouped-query and multi-head
+def test_causal_attention_backward_passes_gradcheck(heads, kv_heads):
+    q, k, v = rand(2, heads, 5, 4), rand(2, kv_heads, 5, 4, seed=1), rand(2, kv_heads, 5, 4, seed=2)
+    assert torch.autograd.gradcheck(kernels.CausalAttentionFunction.apply, (q, k, v))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_causal_attention_equals_sdpa(heads, kv_heads):
+    q, k, v = rand(2, heads, 9, 8), rand(2, kv_heads, 9, 8, seed=1), rand(2, kv_heads, 9, 8, seed=2)
+    ours = kernels.CausalAttentionFunction.apply(q, k, v)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(ours, sdpa, atol=1e-12, rtol=0)
+
+
+def plain_and_fused(fn, *inputs):
+    """(outputs, input gradients) of fn with kernels.ENABLED off and on, for the same upstream gradient."""
+    results = []
+    for enabled in (False, True):
+        xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        kernels.ENABLED = enabled
+        try:
+            y = fn(*xs)
+        finally:
+            kernels.ENABLED = True
+        y.backward(torch.ones_like(y).normal_(generator=torch.Generator().manual_seed(3)))
+        results.append((y, [x.grad for x in xs if x.requires_grad]))
+    return results
+
+
+def test_bf16_rms_norm_forward_is_the_plain_formula_bit_for_bit():
+    x, w = rand(4, 9, 64, dtype=torch.bfloat16), rand(64, seed=1, dtype=torch.bfloat16).detach()
+    (y_plain, (g_plain,)), (y_fused, (g_fused,)) = plain_and_fused(lambda x: kernels.rms_norm(x, w, 1e-5), x)
+    assert torch.equal(y_plain, y_fused)
+    torch.testing.assert_close(g_fused, g_plain, atol=2e-2, rtol=2e-2)  # bf16 rounding of the gradient
+
+
+def test_bf16_swiglu_matches_autograd_of_the_formula():
+    (y_plain, g_plain), (y_fused, g_fused) = plain_and_fused(kernels.swiglu, rand(8, 32, dtype=torch.bfloat16),
+                                                             rand(8, 32, seed=1, dtype=torch.bfloat16))
+    assert torch.equal(y_plain, y_fused)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+def test_attention_keeps_only_inputs_output_and_one_number_per_row():
+    """What makes it lean: no (T x T) tensor survives until the backward pass."""
+    q, k, v = rand(2, 6, 16, 8), rand(2, 2, 16, 8, seed=1), rand(2, 2, 16, 8, seed=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        kernels.CausalAttentionFunction.apply(q, k, v)
+    assert sorted(saved) == sorted([(2, 6, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (2, 6, 16, 8), (2, 2, 3 * 16, 1)])  # 3 query heads per kv head
+
+
+def test_attention_one_query_equals_sdpa_with_a_padding_mask():
+    q, k, v = rand(3, 6, 1, 8), rand(3, 2, 7, 8, seed=1), rand(3, 2, 7, 8, seed=2)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., :3] = False  # a left-padded row
+    ours = kernels.attention_one_query(q, k, v, mask)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours, sdpa, atol=1e-12, rtol=0)
+    torch.testing.assert_close(kernels.attention_one_query(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-12, rtol=0)
