@@ -422,9 +422,10 @@ def bench(args):
         if args.peft:  # the same weights and alpha on both sides
             copy_adapter(adapter_weights(ours.model), gen_sides[1].model)
             alpha = next(iter(lora.lora_modules(ours.model).values())).alpha
+            from peft.tuners.lora import LoraLayer
             for m in gen_sides[1].model.modules():
-                if hasattr(m, "scaling") and "default" in m.scaling:
-                    m.scaling["default"] = alpha
+                if isinstance(m, LoraLayer):
+                    m.scaling["default"] = alpha  # PEFT's alpha: lora_alpha / r
         prompts = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val_set[:args.gen_quotes]]
         gen = time_generation(gen_sides, prompts, args, device, dtype)
         result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1], "hf_tokens_per_s": None,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -85,12 +86,13 @@ class LoraModule(nn.Module):
 
     def forward(self, x):  # x (..., in) -> (..., out)
         y = self.original_module(x)
+        A, B = self.lora_module[0].weight, self.lora_module[1].weight  # (r, in), (out, r)
         # x may be bf16 while A, B are float32: cast x to theirs, then cast the detour back to the
-        # base output's dtype. Under autocast the Linear layers compute in the autocast dtype anyway,
-        # so casting x up would only copy the activations twice.
+        # base output's dtype. Under autocast the products run in the autocast dtype anyway, so
+        # casting x up would only copy the activations twice.
         if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_module[0].weight.dtype)
-        z = self.lora_module(x)
+            x = x.to(A.dtype)
+        z = F.linear(F.linear(x, A), B)  # B (A x), the Linear layers' own function: no module calls
         return torch.add(y, z.to(y.dtype), alpha=self.alpha)  # y + alpha * z in one pass over y
 
     def set_alpha(self, new_alpha):
