@@ -21,7 +21,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import data as quotes
 import kernels
@@ -60,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--gen-quotes", type=int, default=32, help="held-out quotes to write tags for (0: skip)")
     p.add_argument("--gen-tokens", type=positive(int), default=32, help="max new tokens per quote")
     p.add_argument("--gen-batch-size", type=positive(int), default=16, help="prompts per generate call")
+    p.add_argument("--gen-ignore-eos", action="store_true",
+                   help="always write --gen-tokens tokens (a model with random weights stops at once or never)")
     p.add_argument("--adapter", default=None,
                    help="generate with this trained adapter (train.py --out; same --targets and --r) instead of "
                         "the few steps trained here, so completions are real tags that end with eos")
@@ -95,9 +96,9 @@ class Ours:
         finally:
             kernels.ENABLED = True
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, ignore_eos=False):
         self.model.eval()
-        new = generate(self.model, prompts, max_new_tokens)
+        new = generate(self.model, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
         self.model.train()
         return new
 
@@ -132,17 +133,19 @@ class Peft:
                          use_cache=False)
         return out.loss * n
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, ignore_eos=False):
         self.model.eval()
+        eos_ids = None if ignore_eos else self.eos_ids  # None: no stopping, also not the config's eos
+        self.model.generation_config.eos_token_id = eos_ids
         P = max(len(p) for p in prompts)
         ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts], device=self.model.device)
         mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0])
+                                      eos_token_id=eos_ids, pad_token_id=self.eos_ids[0])
         self.model.train()
-        return [until_eos(row, self.eos_ids) for row in out[:, P:].tolist()]
+        return [until_eos(row, eos_ids or []) for row in out[:, P:].tolist()]
 
 
 def padding_mask(batch):
@@ -300,13 +303,13 @@ def time_generation(sides, prompts, args, device, dtype):
     stats = {s.name: [0, 0.0, [None] * len(prompts)] for s in sides}
     for s in sides:  # one untimed batch each: first-call costs are not generation speed
         with autocast(device, dtype):
-            s.generate([prompts[i] for i in chunks[0]], 2)
+            s.generate([prompts[i] for i in chunks[0]], 2, args.gen_ignore_eos)
     for k, chunk in enumerate(chunks):
         for s in sides if k % 2 == 0 else sides[::-1]:
             sync(device)
             t0 = time.perf_counter()
             with autocast(device, dtype):
-                new = s.generate([prompts[i] for i in chunk], args.gen_tokens)
+                new = s.generate([prompts[i] for i in chunk], args.gen_tokens, args.gen_ignore_eos)
             sync(device)
             stats[s.name][1] += time.perf_counter() - t0
             stats[s.name][0] += sum(len(ids) for ids in new)
@@ -340,6 +343,10 @@ def check(name, ok, detail, checks):
     print(f"check {name}: {'ok' if ok else 'FAILED'} ({detail})", file=sys.stderr)
 
 
+def log(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
 def bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,7 +360,6 @@ def bench(args):
     if args.memory_of:
         return memory_child(args, device, dtype, train_batches)
 
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)
     ours = Ours(args, device, dtype)
     sides = [ours]
     if args.plain:
@@ -362,97 +368,107 @@ def bench(args):
         sides.append(Peft(args, device, dtype, start=adapter_weights(ours.model)))
     log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, {device} {str(dtype)[6:]}, "
         f"LoRA r={args.r} on {','.join(args.target_list)}; sides: {', '.join(s.name for s in sides)}")
-
-    peak = matmul_peak(device, dtype)
-    times, losses = {s.name: [] for s in sides}, {s.name: [] for s in sides}
-    tokens, flops, compile_s = [], [], None
-    for i, batch in enumerate(train_batches):
-        batch = to(batch, device)
-        for s in sides if i % 2 == 0 else sides[::-1]:  # who goes first alternates
-            loss, seconds = train_step(s, batch, device, dtype)
-            times[s.name].append(seconds)
-            losses[s.name].append(loss)
-        if i == 0 and args.compile:
-            compile_s = times["ours"][0]
-        if i >= args.warmup:
-            tokens.append(int(batch["lengths"].sum()))
-            flops.append(train_flops(ours.model.config, batch["lengths"].tolist(),
-                                     quotes.count_supervised(batch), args.r, args.target_list))
-        log(f"step {i + 1}/{len(train_batches)} T={batch['input_tokens'].shape[1]} " +
-            " ".join(f"{s.name} {times[s.name][-1] * 1000:.0f} ms loss {losses[s.name][-1]:.4f}" for s in sides))
-    peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
-
+    result = {"model": args.model, "device": device, "dtype": str(dtype).removeprefix("torch."),
+              "batch_size": args.batch_size, "steps": args.steps, "checks": {}}
+    times, losses = time_training(sides, train_batches, args, device, dtype, result)
     if args.profile:
         profile(sides, [to(b, device) for b in train_batches[:3]], device, dtype)
-
-    result = {"model": args.model, "device": device, "dtype": str(dtype).removeprefix("torch."),
-              "batch_size": args.batch_size, "steps": args.steps, "matmul_peak_tflops": peak / 1e12,
-              "compile_s": compile_s}
-    for s in sides:
-        result[s.name] = summarize(times[s.name][args.warmup:], tokens, flops, peak)
-
-    checks = {}
     val_batches = [to(b, device) for b in quotes.batches(val_set, args.batch_size, tokenizer.eos_id, shuffle=False)]
-    val = {s.name: validation_loss(s, val_batches[:args.val_batches], device, dtype) for s in sides}
     for s in sides:
-        result[s.name]["val_loss"] = val[s.name]
-    for other in [s.name for s in sides[1:]]:
-        # The same weights and batch: the first loss agrees to bf16 rounding. After that the runs
-        # drift apart step by step (rounding differs); 2% of the validation loss is several times
-        # the drift seen between correct implementations, and far below what a wrong gradient does.
-        first = abs(losses["ours"][0] - losses[other][0])
-        check(f"same_first_loss_{other}", first <= 0.01 * losses[other][0],
-              f"first-batch loss ours {losses['ours'][0]:.4f}, {other} {losses[other][0]:.4f}", checks)
-        drift = abs(val["ours"] - val[other])
-        check(f"same_training_result_{other}", drift <= 0.02 * val[other],
-              f"validation loss after {len(train_batches)} steps: ours {val['ours']:.4f}, {other} {val[other]:.4f}", checks)
+        result[s.name]["val_loss"] = validation_loss(s, val_batches[:args.val_batches], device, dtype)
+    check_training(sides, losses, result)
 
     log("peak memory: one fresh process per side ...")
     largest = sorted(range(len(train_batches)), key=lambda i: -train_batches[i]["input_tokens"].numel())
     for s in sides:
-        if s.name == "plain":
-            continue
-        mem = measure_memory(args, s.name, sorted(largest[:args.mem_batches]))
-        result[s.name].update(mem)
+        if s.name != "plain":
+            result[s.name].update(measure_memory(args, s.name, sorted(largest[:args.mem_batches])))
 
     if args.gen_quotes > 0:
-        gen_sides = [s for s in sides if s.name != "plain"]
-        if args.adapter:
-            lora.load_adapter(ours.model, args.adapter)
-        if args.peft:  # the same weights and alpha on both sides
-            copy_adapter(adapter_weights(ours.model), gen_sides[1].model)
-            alpha = next(iter(lora.lora_modules(ours.model).values())).alpha
-            from peft.tuners.lora import LoraLayer
-            for m in gen_sides[1].model.modules():
-                if isinstance(m, LoraLayer):
-                    m.scaling["default"] = alpha  # PEFT's alpha: lora_alpha / r
         prompts = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val_set[:args.gen_quotes]]
-        gen = time_generation(gen_sides, prompts, args, device, dtype)
-        result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1], "hf_tokens_per_s": None,
-                              "speedup": None}
-        if args.peft:
-            hf = gen["peft"][0] / gen["peft"][1]
-            result["generate"].update(hf_tokens_per_s=hf, speedup=result["generate"]["ours_tokens_per_s"] / hf)
-            same = sum(a == b for a, b in zip(gen["ours"][2], gen["peft"][2]))
-            result["generate"]["same_completions"] = f"{same}/{len(prompts)}"
-            # greedy decoding in bf16 may flip a near-tie and diverge; most rows must still agree
-            check("same_generations", same >= 0.5 * len(prompts), f"{same}/{len(prompts)} completions identical", checks)
-        log("example: " + tokenizer.decode(prompts[0]) + "|" + tokenizer.decode(gen["ours"][2][0]))
+        bench_generation([s for s in sides if s.name != "plain"], prompts, args, device, dtype, result)
+        log("example: " + tokenizer.decode(prompts[0]) + "|" + tokenizer.decode(result.pop("_example")))
 
+    result["speedup"] = result["memory_ratio"] = None
     if args.peft:
         result["speedup"] = result["ours"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
         result["memory_ratio"] = result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"]
         ratios = [p / o for o, p in zip(times["ours"][args.warmup:], times["peft"][args.warmup:])]
         result["speedup_median_step"] = quantile(ratios, 0.5)
     else:
-        result["peft"], result["speedup"], result["memory_ratio"] = None, None, None
+        result["peft"] = None
     if args.plain:
         result["speedup_over_plain"] = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
-    result["checks"] = checks
     report(result, sides)
     if args.json:
         print(json.dumps(result))
-    return 0 if all(c["ok"] for c in checks.values()) else 1
+    return 0 if all(c["ok"] for c in result["checks"].values()) else 1
+
+
+def time_training(sides, train_batches, args, device, dtype, result):
+    """Every batch through every side, the order alternating; the warmup steps are not counted.
+    Fills result[side] with the summary; returns each side's step times and losses."""
+    peak = matmul_peak(device, dtype)
+    times, losses = {s.name: [] for s in sides}, {s.name: [] for s in sides}
+    tokens, flops, config = [], [], sides[0].model.config
+    for i, batch in enumerate(train_batches):
+        batch = to(batch, device)
+        for s in sides if i % 2 == 0 else sides[::-1]:
+            loss, seconds = train_step(s, batch, device, dtype)
+            times[s.name].append(seconds)
+            losses[s.name].append(loss)
+        if i >= args.warmup:
+            tokens.append(int(batch["lengths"].sum()))
+            flops.append(train_flops(config, batch["lengths"].tolist(), quotes.count_supervised(batch),
+                                     args.r, args.target_list))
+        log(f"step {i + 1}/{len(train_batches)} T={batch['input_tokens'].shape[1]} " +
+            " ".join(f"{s.name} {times[s.name][-1] * 1000:.0f} ms loss {losses[s.name][-1]:.4f}" for s in sides))
+    peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
+    result["matmul_peak_tflops"] = peak / 1e12
+    result["compile_s"] = times["ours"][0] if args.compile else None  # the first step compiles
+    for s in sides:
+        result[s.name] = summarize(times[s.name][args.warmup:], tokens, flops, peak)
+    return times, losses
+
+
+def check_training(sides, losses, result):
+    """Ours against each other side. The same weights and batch: the first loss agrees to bf16
+    rounding. After that the runs drift apart step by step (rounding differs); 2% of the validation
+    loss is several times the drift seen between correct implementations, far below a wrong gradient's."""
+    ours = result["ours"]["val_loss"]
+    for other in [s.name for s in sides[1:]]:
+        theirs = result[other]["val_loss"]
+        check(f"same_first_loss_{other}", abs(losses["ours"][0] - losses[other][0]) <= 0.01 * losses[other][0],
+              f"first-batch loss ours {losses['ours'][0]:.4f}, {other} {losses[other][0]:.4f}", result["checks"])
+        check(f"same_training_result_{other}", abs(ours - theirs) <= 0.02 * theirs,
+              f"validation loss after {len(losses['ours'])} steps: ours {ours:.4f}, {other} {theirs:.4f}",
+              result["checks"])
+
+
+def bench_generation(sides, prompts, args, device, dtype, result):
+    """Greedy tags with the trained weights (or --adapter's), the same on both sides."""
+    ours = sides[0]
+    if args.adapter:
+        lora.load_adapter(ours.model, args.adapter)
+    if args.peft:
+        from peft.tuners.lora import LoraLayer
+        copy_adapter(adapter_weights(ours.model), sides[1].model)
+        alpha = next(iter(lora.lora_modules(ours.model).values())).alpha
+        for m in sides[1].model.modules():
+            if isinstance(m, LoraLayer):
+                m.scaling["default"] = alpha  # PEFT's scale, lora_alpha / r, is our alpha
+    gen = time_generation(sides, prompts, args, device, dtype)
+    g = result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1], "hf_tokens_per_s": None,
+                              "speedup": None}
+    result["_example"] = gen["ours"][2][0]
+    if args.peft:
+        g["hf_tokens_per_s"] = gen["peft"][0] / gen["peft"][1]
+        g["speedup"] = g["ours_tokens_per_s"] / g["hf_tokens_per_s"]
+        same = sum(a == b for a, b in zip(gen["ours"][2], gen["peft"][2]))
+        g["same_completions"] = f"{same}/{len(prompts)}"
+        # greedy decoding in bf16 may flip a near-tie and diverge; most rows must still agree
+        check("same_generations", same >= 0.5 * len(prompts), f"{same}/{len(prompts)} completions identical",
+              result["checks"])
 
 
 def report(result, sides):

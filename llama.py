@@ -418,16 +418,16 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top
     # one (quotes run from 15 to 250 tokens); one forward per prompt would pay every layer's fixed
     # cost once per prompt. Keys and values then move to each prompt's row of the batch's cache,
     # right-aligned, and all rows continue together.
-    cache, logits, group = KVCache(model.config, P + max_new_tokens), [], []
+    cache, logits, group, size = KVCache(model.config, P + max_new_tokens), [], [], 0
     for i, p in enumerate(prompts):
-        group.append(i)
-        if i + 1 == B or sum(len(prompts[j]) for j in group) + len(prompts[i + 1]) > max(PACK_TOKENS, P):
+        group, size = group + [i], size + len(p)
+        if i + 1 == B or size + len(prompts[i + 1]) > max(PACK_TOKENS, P):
             logits.append(_prefill_packed(model, prompts, group, cache, P, device))
-            group = []
+            group, size = [], 0
     cache.length, logits = P, torch.cat(logits)  # (B, vocab)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         out[:, t] = nxt
@@ -449,8 +449,9 @@ def _prefill_packed(model, prompts, rows, cache, P, device):
     positions = torch.arange(tokens.shape[1], device=device) - starts[which]  # from 0 in every prompt
     # A token sees the earlier tokens of its own prompt: a block-diagonal causal mask, (N, N).
     mask = (which[:, None] == which[None, :]) & (positions[:, None] >= positions[None, :])
+    last = positions == lengths[which] - 1  # (N,) each prompt's last token
     packed = KVCache(model.config, tokens.shape[1])
-    logits = model(tokens, positions[None], packed, mask[None, None], logits_at=(positions == lengths[which] - 1)[None])
+    logits = model(tokens, positions[None], packed, mask[None, None], logits_at=last[None])
     for i, start, length in zip(rows, starts.tolist(), lengths.tolist()):
         cache.put_row(i, P - length, packed, start, length, len(prompts))
     return logits

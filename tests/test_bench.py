@@ -108,6 +108,8 @@ def test_both_sides_generate_the_same_greedy_tags(setup):
     peft = bench.Peft(args, "cpu", torch.float32, start=bench.adapter_weights(ours.model))
     prompts = [[0, 5, 9, 14], [0, 7, 3, 3, 12, 40, 41]]  # different lengths: padding on HF's side
     assert ours.generate(prompts, 6) == peft.generate(prompts, 6)
+    no_stop = ours.generate(prompts, 6, ignore_eos=True)
+    assert no_stop == peft.generate(prompts, 6, ignore_eos=True) and [len(n) for n in no_stop] == [6, 6]
 
 
 def test_padding_mask_and_until_eos():

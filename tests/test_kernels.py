@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 import kernels
 
-f64 = dict(dtype=torch.float64)
-
 
 def rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).requires_grad_()
