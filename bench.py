@@ -13,6 +13,7 @@ Before any number counts, the two sides must agree: the same loss on the first b
 validation loss after the timed steps within noise of each other (the checks at the end).
 """
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers (compile time reported)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--val-batches", type=int, default=4, help="validation batches for the training-result check")
-    p.add_argument("--mem-batches", type=int, default=3, help="largest timed batches run again for peak memory")
+    p.add_argument("--mem-batches", type=int, default=3, help="largest timed batches run again for peak memory (0: skip)")
     p.add_argument("--gen-quotes", type=int, default=32, help="held-out quotes to write tags for (0: skip)")
     p.add_argument("--gen-tokens", type=positive(int), default=32, help="max new tokens per quote")
     p.add_argument("--gen-batch-size", type=positive(int), default=16, help="prompts per generate call")
@@ -83,24 +84,28 @@ class Ours:
         torch.manual_seed(args.seed)
         lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed", targets=args.target_list)
         self.model.recompute = args.recompute and not plain
+        self.model.rebuild = not args.compile  # compiled layers fuse the elementwise work their own way
         if args.compile and not plain:
             for layer in self.model.model.layers:  # one compiled graph serves every layer: same code
                 layer.compile(dynamic=True)
         self.model.train()
         self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr, weight_decay=0.0)
+        self.merged = None
 
     def loss_sum(self, batch):
         kernels.ENABLED = not self.plain  # read as the graph is built; the backward follows it
+        self.merged = None  # the adapter is about to change
         try:
             return masked_loss_sum(self.model, batch, "ce")
         finally:
             kernels.ENABLED = True
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        self.model.eval()
-        new = generate(self.model, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
-        self.model.train()
-        return new
+        """sample.py's path: the adapter merged into the weights (a copy, made once after training)."""
+        if self.merged is None:
+            self.merged = copy.deepcopy(self.model).eval()
+            lora.merge_lora(self.merged)
+        return generate(self.merged, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
 
 
 class Peft:
@@ -123,10 +128,12 @@ class Peft:
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=args.lr, weight_decay=0.0)
+        self.merged = None
 
     def loss_sum(self, batch):
         where = batch["targets"] != quotes.IGNORE_INDEX
         n = where.sum()
+        self.merged = None  # the adapter is about to change
         # shift_labels: our targets are already shifted (targets[i] is the token after input[i]).
         out = self.model(input_ids=batch["input_tokens"], attention_mask=padding_mask(batch),
                          labels=batch["targets"], shift_labels=batch["targets"], num_items_in_batch=n,
@@ -134,17 +141,19 @@ class Peft:
         return out.loss * n
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        self.model.eval()
+        """PEFT's advice for inference, as ours: merge_and_unload (on a copy, made once after training)."""
+        if self.merged is None:
+            self.merged = copy.deepcopy(self.model).merge_and_unload().eval()
+        model = self.merged
         eos_ids = None if ignore_eos else self.eos_ids  # None: no stopping, also not the config's eos
-        self.model.generation_config.eos_token_id = eos_ids
+        model.generation_config.eos_token_id = eos_ids
         P = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts], device=self.model.device)
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      eos_token_id=eos_ids, pad_token_id=self.eos_ids[0])
-        self.model.train()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=eos_ids, pad_token_id=self.eos_ids[0])
         return [until_eos(row, eos_ids or []) for row in out[:, P:].tolist()]
 
 
@@ -378,10 +387,10 @@ def bench(args):
         result[s.name]["val_loss"] = validation_loss(s, val_batches[:args.val_batches], device, dtype)
     check_training(sides, losses, result)
 
-    log("peak memory: one fresh process per side ...")
     largest = sorted(range(len(train_batches)), key=lambda i: -train_batches[i]["input_tokens"].numel())
     for s in sides:
-        if s.name != "plain":
+        if s.name != "plain" and args.mem_batches > 0:
+            log(f"peak memory of {s.name}: a fresh process ...")
             result[s.name].update(measure_memory(args, s.name, sorted(largest[:args.mem_batches])))
 
     if args.gen_quotes > 0:
@@ -392,7 +401,8 @@ def bench(args):
     result["speedup"] = result["memory_ratio"] = None
     if args.peft:
         result["speedup"] = result["ours"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
-        result["memory_ratio"] = result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"]
+        if args.mem_batches > 0:
+            result["memory_ratio"] = result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"]
         ratios = [p / o for o, p in zip(times["ours"][args.warmup:], times["peft"][args.warmup:])]
         result["speedup_median_step"] = quantile(ratios, 0.5)
     else:
@@ -481,8 +491,8 @@ def report(result, sides):
         mem = f"{r['peak_mem_mb']:9.0f}" if "peak_mem_mb" in r else f"{'-':>9}"
         print(f"{s.name:6} {r['tokens_per_s']:9.1f} {spread:>22} {mem} {r['mfu']:6.1%} {r['val_loss']:9.4f}")
     if result["speedup"] is not None:
-        print(f"speedup {result['speedup']:.2f}x (median per step {result['speedup_median_step']:.2f}x), "
-              f"memory ratio {result['memory_ratio']:.2f}")
+        memory = f", memory ratio {result['memory_ratio']:.2f}" if result["memory_ratio"] is not None else ""
+        print(f"speedup {result['speedup']:.2f}x (median per step {result['speedup_median_step']:.2f}x){memory}")
     if "speedup_over_plain" in result:
         print(f"ours over the plain path (no kernels.py): {result['speedup_over_plain']:.2f}x")
     g = result.get("generate")

@@ -14,6 +14,9 @@ generation; plain products do both faster (numbers at each function).
 ENABLED = False switches to the plain formulas, differentiated by autograd: the reference that
 tests/test_kernels.py and bench.py --plain compare against.
 """
+import contextlib
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +53,12 @@ def _at_least_float32(x):
 
 def rms_norm(x, weight, eps):
     if ENABLED and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormFunction.apply(x, weight, eps)
+        # RMSNormFunction keeps x: the output can be rebuilt from it (see rebuild_instead_of_keeping).
+        return rebuildable(RMSNormFunction.apply(x, weight, eps), _rms_norm, x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x, weight, eps):
     # Without gradients (generation) or as the plain path: F.rms_norm is the same formula,
     # x * rsqrt(mean(x^2) + eps), bit for bit, run as one call instead of five.
     return weight * F.rms_norm(x.to(_at_least_float32(x)), x.shape[-1:], eps=eps).to(x.dtype)
@@ -74,7 +82,12 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate, up):
     if ENABLED:
-        return SwiGLUFunction.apply(gate, up)
+        # SwiGLUFunction keeps gate and up: the output can be rebuilt from them.
+        return rebuildable(SwiGLUFunction.apply(gate, up), _swiglu, gate, up)
+    return _swiglu(gate, up)
+
+
+def _swiglu(gate, up):
     return F.silu(gate) * up
 
 
@@ -149,3 +162,93 @@ def attention_one_query(q, k, v, mask=None):
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(B, 1, 1, -1), float("-inf"))
     return (scores.softmax(-1) @ v.to(f32)).view(B, H, 1, D).to(q.dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Summed cross-entropy of h @ weight^T against targets, for a frozen weight: lm_head and the
+    loss in one, the (N, vocab) logits never whole.
+
+    Autograd would keep the logits' float32 log-softmax until the backward pass, and the backward
+    pass makes two more (N, vocab) float32 tensors: with Llama-3.2's 128,256 words that is hundreds
+    of MB at the moment the step holds all its activations. Here the rows go through in chunks, and
+    each chunk's gradient for h, softmax - one_hot(target) times weight, is computed while its
+    logits are at hand. The forward pass keeps grad_h, (N, d); the backward pass only scales it."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, d), weight (vocab, d), targets (N,)
+        f32 = _at_least_float32(h)
+        loss, grad_h = torch.zeros((), dtype=f32, device=h.device), torch.empty_like(h)
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s:s + chunk] @ weight.T  # (n, vocab) in h's (or autocast's) dtype, as lm_head
+            logits32 = logits.to(f32)
+            lse = logits32.logsumexp(-1, keepdim=True)  # (n, 1)
+            t = targets[s:s + chunk, None]  # (n, 1)
+            loss += (lse - logits32.gather(1, t)).sum()
+            grad_logits = logits32.sub_(lse).exp_().scatter_add_(1, t, -torch.ones_like(lse))  # softmax - one_hot
+            grad_h[s:s + chunk] = grad_logits.to(logits.dtype) @ weight.to(logits.dtype)
+        ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad.to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy(h, linear, targets, chunk_elements=2**22):
+    """F.cross_entropy(linear(h).float(), targets, reduction="sum"), h (N, d) and targets (N,)."""
+    frozen = isinstance(linear, torch.nn.Linear) and linear.bias is None and not linear.weight.requires_grad
+    if ENABLED and frozen and torch.is_grad_enabled() and h.requires_grad:
+        chunk = max(1, chunk_elements // linear.weight.shape[0])  # rows per chunk: ~16 MB of float32 logits
+        return LinearCrossEntropyFunction.apply(h, linear.weight, targets, chunk)
+    logits = linear(h)  # also when lm_head has LoRA
+    return F.cross_entropy(logits.to(_at_least_float32(logits)), targets, reduction="sum")
+
+
+# ----------------------------------------------------------------------------- rebuilt, not kept
+#
+# The LoRA detour B A x keeps x for A's gradient. For q, k and v (and gate and up) x is the RMSNorm's
+# output; for down_proj it is the SwiGLU's. Both are one elementwise pass over tensors that the
+# norm and SwiGLU keep anyway, so keeping their outputs as well stores the same information twice:
+# a fifth of a step's activations (an intermediate-wide tensor and two hidden-wide ones per layer).
+# Autograd's saved-tensor hooks let the step keep a recipe instead: when an operation saves a
+# tensor that rms_norm or swiglu made, the hook stores (function, inputs), and the backward pass
+# runs the function again when it needs the tensor.
+
+_recipes = None  # {id(output): (weakref to output, function, inputs)}, while a forward pass runs
+
+
+def rebuildable(out, fn, *args):
+    """Record that out equals fn(*args), for a forward pass inside rebuild_instead_of_keeping()."""
+    if _recipes is not None:
+        _recipes[id(out)] = (weakref.ref(out), fn, args)
+    return out
+
+
+@contextlib.contextmanager
+def rebuild_instead_of_keeping():
+    """Tensors saved for the backward pass that rebuildable() knows are kept as recipes."""
+    global _recipes
+    outer, _recipes = _recipes, {}
+    last = [None, None]  # the latest rebuilt tensor: q, k and v's detours all ask for the same one
+
+    def pack(t):  # at save time: the tensor itself, or how to make it again
+        base = t if t._base is None else t._base  # F.linear saves a (B*T, in) view of (B, T, in)
+        entry = _recipes.get(id(base))
+        if entry is None or entry[0]() is not base:  # an id can be reused once a tensor is freed
+            return t
+        return entry[1], entry[2], t.shape, t.stride(), t.storage_offset()
+
+    def unpack(packed):  # in the backward pass
+        if isinstance(packed, torch.Tensor):
+            return packed
+        fn, args, shape, stride, offset = packed
+        if last[0] is not args:
+            last[:] = args, fn(*args)
+        return last[1].as_strided(shape, stride, offset)
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _recipes = outer

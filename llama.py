@@ -6,6 +6,7 @@
 Module and parameter names are Hugging Face's own (`model.layers.0.self_attn.q_proj.weight`), so
 a checkpoint's safetensors load without a renaming table and adapters export to PEFT without one.
 """
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention_one_query, causal_attention, rms_norm, swiglu
+from kernels import (attention_one_query, causal_attention, linear_cross_entropy, rebuild_instead_of_keeping,
+                     rms_norm, swiglu)
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 # Up to this length, training on the CPU uses kernels.causal_attention; beyond it SDPA's flash
@@ -260,6 +262,9 @@ class Llama(nn.Module):
         # and runs the layer's forward again. Activations shrink to about a tenth; a LoRA step
         # (forward, then a backward with no weight gradients, about as long) takes ~1.5x the time.
         self.recompute = False
+        # Keep the norms' and SwiGLU's outputs as recipes, rebuilt in the backward pass: about a
+        # fifth less activation memory for a few elementwise passes (kernels.py, the last section).
+        self.rebuild = True
 
     def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
         """tokens (B, T) -> final-normed hidden states (B, T, d).
@@ -277,22 +282,28 @@ class Llama(nn.Module):
         device = tokens.device.type  # q and k come out of autocast's dtype if it is on, else x's
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)  # (B, 1, T, head_dim)
-        for layer in self.model.layers:
-            if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cache, attn_mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, attn_mask)
+        training = torch.is_grad_enabled()
+        rebuild = training and self.rebuild and not self.recompute  # checkpoint() keeps nothing to rebuild
+        with rebuild_instead_of_keeping() if rebuild else contextlib.nullcontext():
+            for layer in self.model.layers:
+                if self.recompute and training:
+                    x = checkpoint(layer, x, cos, sin, cache, attn_mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None):
+    def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None, targets=None):
         """tokens (B, T) -> logits (B, T, vocab), or (N, vocab) at the N places where the bool mask
         logits_at (B, T) is True. The loss needs logits only after the separator: projecting every
-        position onto a 128,256-wide vocabulary would spend most of the step's memory on nothing."""
+        position onto a 128,256-wide vocabulary would spend most of the step's memory on nothing.
+        With targets (N,), the next tokens at those places: the summed cross-entropy instead."""
         h = self.hidden_states(tokens, positions, cache, attn_mask)
         if logits_at is not None:
             h = h[logits_at]  # (N, d)
+        if targets is not None:
+            return linear_cross_entropy(h, self.lm_head, targets)  # lm_head and loss in chunks
         return self.lm_head(h)
 
     @classmethod

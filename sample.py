@@ -122,6 +122,9 @@ def main(argv=None):
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         model, tokenizer = load(args, device, dtype)
+        # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
+        # costs the base model's products, not two more small ones (and their casts) per Linear.
+        lora.merge_lora(model)
         completions = complete(model, tokenizer, prompts, args, device, dtype)
     except (ValueError, TypeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)

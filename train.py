@@ -154,12 +154,13 @@ def masked_loss_sum(model, batch, loss_kind):
     logits would cost memory (B x T x vocab) for nothing. The quote itself is never a target, so
     the adapters learn to write tags and leave the reading of the quote alone."""
     where = batch["targets"] != quotes.IGNORE_INDEX  # (B, T) True after the separator
-    logits = model(batch["input_tokens"], logits_at=where)  # (N, vocab)
-    if loss_kind == "sigmoid-ce":
-        # The original recipe: sigmoid squashes every logit into (0, 1), so the softmax inside the
-        # cross-entropy is nearly flat and the loss cannot fall far below log(vocab).
-        logits = torch.sigmoid(logits)
-    return F.cross_entropy(logits.float(), batch["targets"][where], reduction="sum")
+    targets = batch["targets"][where]  # (N,)
+    if loss_kind == "ce":
+        return model(batch["input_tokens"], logits_at=where, targets=targets)
+    # The original recipe: sigmoid squashes every logit into (0, 1), so the softmax inside the
+    # cross-entropy is nearly flat and the loss cannot fall far below log(vocab).
+    logits = torch.sigmoid(model(batch["input_tokens"], logits_at=where))  # (N, vocab)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def micro_batches(batch, pieces):

@@ -85,3 +85,88 @@ def test_attention_one_query_equals_sdpa_with_a_padding_mask():
     torch.testing.assert_close(ours, sdpa, atol=1e-12, rtol=0)
     torch.testing.assert_close(kernels.attention_one_query(q, k, v),
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-12, rtol=0)
+
+
+def frozen_linear(d, vocab, dtype):
+    linear = torch.nn.Linear(d, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    linear.weight.copy_(torch.randn(vocab, d, generator=torch.Generator().manual_seed(5)))
+    return linear
+
+
+@pytest.mark.parametrize("chunk_elements", [2**22, 3 * 50])  # one chunk; chunks of 3 rows, the last short
+def test_linear_cross_entropy_equals_autograd_of_lm_head_and_cross_entropy(chunk_elements):
+    h, linear = rand(10, 16), frozen_linear(16, 50, torch.float64)
+    targets = torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(6))
+    fused = kernels.linear_cross_entropy(h, linear, targets, chunk_elements)
+    (grad_fused,) = torch.autograd.grad(fused * 0.5, h)
+    plain = F.cross_entropy(linear(h), targets, reduction="sum")
+    (grad_plain,) = torch.autograd.grad(plain * 0.5, h)
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_fused, grad_plain, atol=1e-12, rtol=1e-12)
+
+
+def test_bf16_linear_cross_entropy_keeps_no_vocab_wide_tensor():
+    h, linear = rand(12, 32, dtype=torch.bfloat16), frozen_linear(32, 1000, torch.bfloat16)
+    targets = torch.randint(0, 1000, (12,), generator=torch.Generator().manual_seed(6))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        fused = kernels.linear_cross_entropy(h, linear, targets)
+    assert saved == [(12, 32)]  # the gradient for h, nothing (12, 1000)
+    (grad_fused,) = torch.autograd.grad(fused, h)
+    plain = F.cross_entropy(linear(h).float(), targets, reduction="sum")
+    (grad_plain,) = torch.autograd.grad(plain, h)
+    torch.testing.assert_close(fused, plain, atol=0, rtol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_plain, atol=2e-2, rtol=2e-2)  # bf16 rounding
+
+
+# ----------------------------------------------------------------------------- rebuilt, not kept
+
+def tiny_lora_model():
+    from llama import Llama, LlamaConfig
+    import lora
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = Llama(config).to(torch.bfloat16)
+    lora.add_lora(model, r=4, alpha=0.5)
+    return model, lora.lora_parameters(model)
+
+
+def lora_grads(model, params, tokens):
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        model(tokens).float().logsumexp(-1).sum().backward()
+    return [p.grad.clone() for p in params]
+
+
+def test_rebuilding_norm_and_swiglu_outputs_gives_the_same_gradients_bit_for_bit():
+    model, params = tiny_lora_model()
+    tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    model.rebuild = False
+    kept = lora_grads(model, params, tokens)
+    model.rebuild = True
+    rebuilt = lora_grads(model, params, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(kept, rebuilt))
+
+
+def test_rebuilt_outputs_are_not_kept_alive_by_the_graph():
+    """The point of it: after the forward pass, the norms' and SwiGLU's outputs are gone (and come
+    back in the backward pass); without rebuilding, the LoRA detours keep every one of them."""
+    import weakref
+    model, _ = tiny_lora_model()
+    tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    for rebuild in (False, True):
+        outputs = []
+        hooks = [m.register_forward_hook(lambda m, i, out: outputs.append(weakref.ref(out)))
+                 for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        model.rebuild = rebuild
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens).float().sum()  # the graph, and what it saved, is alive here
+        alive = sum(ref() is not None for ref in outputs)
+        # Layer 0's input norm reads the frozen embedding: no gradient runs through it, so it is a
+        # plain rms_norm with no recipe (rebuilding it would keep the embedding output instead).
+        assert alive == (1 if rebuild else 2 * len(model.model.layers)), rebuild
+        loss.backward()
+        for h in hooks:
+            h.remove()

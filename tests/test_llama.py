@@ -1,6 +1,5 @@
 """llama.py against the oracle, transformers' LlamaForCausalLM, on tiny random folders and real ones."""
 import json
-import shutil
 
 import pytest
 import torch

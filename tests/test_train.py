@@ -6,7 +6,6 @@ gradient accumulation; an uninterrupted run for resume (bit for bit, float32 on 
 """
 import shutil
 import signal
-import sys
 import time
 
 import pytest
