@@ -26,7 +26,8 @@ import torch
 import data as quotes
 import kernels
 import lora
-from llama import Llama, LlamaConfig, generate, resolve_model_dir
+from llama import Llama, LlamaConfig, resolve_model_dir
+from sample import generate
 from train import autocast, masked_loss_sum, pick_device, pick_dtype, positive
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

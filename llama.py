@@ -25,7 +25,6 @@ DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 # attention, which works on blocks that stay in cache while ours goes over T x T float32 scores
 # several times (measured on one core: ours 1.4-1.9x faster at 64 tokens, even at 128, 2x slower at 256).
 MAX_T_OWN_ATTENTION = 128
-PACK_TOKENS = 512  # generate() reads the prompts packed into rows of about this many tokens
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
 
@@ -389,87 +388,3 @@ def check_state_dict(model, state, model_dir):
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             raise ValueError(f"{model_dir}: {what}: {', '.join(keys[:3])}{more}")
-
-
-# ----------------------------------------------------------------------------- generation
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, vocab) -> next tokens (B,). Temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass ahead of each token
-        sorted_logits = sorted_logits.masked_fill(before > top_p, float("-inf"))  # the first always stays
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
-             eos_ids=None, generator=None):
-    """Continue each prompt (a list of token ids) until an eos id or max_new_tokens; returns the
-    new ids of each prompt, eos excluded. The prompts are read packed together, then continued as
-    one batch, padded on the left so that every row's next token sits in the same last column."""
-    if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
-        raise ValueError("generate needs max_new_tokens >= 1 and non-empty prompts")
-    eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
-    device = model.inv_freq.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # (B, S) real tokens
-    for i, p in enumerate(prompts):
-        valid[i, P - len(p):] = True
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
-    # Prefill: the prompts are read packed one after another into rows of about PACK_TOKENS, each
-    # attending only to itself. As a padded batch, every prompt would be computed up to the longest
-    # one (quotes run from 15 to 250 tokens); one forward per prompt would pay every layer's fixed
-    # cost once per prompt. Keys and values then move to each prompt's row of the batch's cache,
-    # right-aligned, and all rows continue together.
-    cache, logits, group, size = KVCache(model.config, P + max_new_tokens), [], [], 0
-    for i, p in enumerate(prompts):
-        group, size = group + [i], size + len(p)
-        if i + 1 == B or size + len(prompts[i + 1]) > max(PACK_TOKENS, P):
-            logits.append(_prefill_packed(model, prompts, group, cache, P, device))
-            group, size = [], 0
-    cache.length, logits = P, torch.cat(logits)  # (B, vocab)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = model(nxt[:, None], positions[:, P + t:P + t + 1], cache,
-                       valid[:, None, None, :P + t + 1])[:, -1]
-    return [_until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
-
-
-def _prefill_packed(model, prompts, rows, cache, P, device):
-    """Run prompts[rows] as one packed sequence and copy their keys and values into those rows of
-    `cache`, each ending at position P. Returns the logits after each prompt, (len(rows), vocab)."""
-    lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
-    tokens = torch.tensor([t for i in rows for t in prompts[i]], device=device)[None]  # (1, N)
-    which = torch.arange(len(rows), device=device).repeat_interleave(lengths)  # (N,) prompt of each token
-    starts = lengths.cumsum(0) - lengths
-    positions = torch.arange(tokens.shape[1], device=device) - starts[which]  # from 0 in every prompt
-    # A token sees the earlier tokens of its own prompt: a block-diagonal causal mask, (N, N).
-    mask = (which[:, None] == which[None, :]) & (positions[:, None] >= positions[None, :])
-    last = positions == lengths[which] - 1  # (N,) each prompt's last token
-    packed = KVCache(model.config, tokens.shape[1])
-    logits = model(tokens, positions[None], packed, mask[None, None], logits_at=last[None])
-    for i, start, length in zip(rows, starts.tolist(), lengths.tolist()):
-        cache.put_row(i, P - length, packed, start, length, len(prompts))
-    return logits
-
-
-def _until_eos(ids, eos_ids):
-    for i, tok in enumerate(ids):
-        if tok in eos_ids:
-            return ids[:i]
-    return ids

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive(int), default=3, help="passes over the training quotes")
     p.add_argument("--batch-size", type=positive(int), default=8, help="quotes per optimizer step (all ranks together)")
     p.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per rank per step (saves memory)")
+    p.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing: keep each layer's input only, run the layer again in the backward pass")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate of the LoRA weights")
     p.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many optimizer steps")
     p.add_argument("--targets", default="all", help="comma list of Linear names to adapt, e.g. q_proj,v_proj; 'all' = every Linear")
@@ -259,6 +261,7 @@ def train(args):
     torch.manual_seed(args.seed)
     targets = None if args.targets == "all" else [t.strip() for t in args.targets.split(",") if t.strip()]
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init, targets=targets)
+    model.recompute = args.recompute  # the same arithmetic: only memory and time change
     model.train()
     params = lora.lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tiny
-from llama import KVCache, Llama, LlamaConfig, generate, sample_next
+from llama import KVCache, Llama, LlamaConfig
+from sample import generate, sample_next
 
 CONFIGS = {"llama3_gqa_tied": tiny.LLAMA3_GQA_TIED, "plain_mha_untied": tiny.PLAIN_MHA_UNTIED}
 

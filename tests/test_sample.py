@@ -1,7 +1,8 @@
 """sample.py end to end: train.py trains a tiny random Llama, sample.py writes tags with its adapter.
 
 Oracle: greedy decoding by hand, one prompt at a time, recomputing the whole sequence for every
-new token (no KV cache, no batching, no padding): the argmax of the last position's logits.
+new token (no KV cache, no batching, no padding): the argmax of the last position's logits. The
+oracle keeps the adapter apart (W x + alpha B A x); sample.py merges it into W first.
 """
 import json
 import shutil

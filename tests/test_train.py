@@ -189,6 +189,25 @@ def test_grad_accumulation_equals_one_big_batch(setup, tmp_path):
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
 
 
+def test_recompute_trains_the_same_adapter(setup, tmp_path):
+    """Activation checkpointing changes what is kept, not the arithmetic: the layers run again."""
+    import llama
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    real_checkpoint = llama.checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama, "checkpoint", counting_checkpoint)
+        for flags in ([], ["--recompute"]):
+            assert train.main(train_args(*setup, tmp_path / f"run{len(flags)}", "--max-steps", 3, *flags)) == 0
+            assert bool(calls) == bool(flags)  # the layers went through checkpoint() only with the flag
+    kept, recomputed = adapter(tmp_path / "run0"), adapter(tmp_path / "run1")
+    assert all(torch.allclose(kept[k], recomputed[k], rtol=0, atol=1e-6) for k in kept)
+
+
 def test_ddp_on_two_cpu_processes_equals_one_process(setup, tmp_path):
     """torchrun, gloo: 10 train quotes in batches of 3, so the last batch (1 row) leaves rank 1 an
     empty share. train.py checks at the end that both ranks hold the same adapter; rank 0's must
