@@ -14,8 +14,8 @@ generation; plain products do both faster (numbers at each function).
 Two more pieces take memory out of the step without new arithmetic: lm_head and the cross-entropy
 run together in chunks of rows (LinearCrossEntropyFunction), and the outputs of the norms and of
 SwiGLU, which the LoRA detours would keep, are kept as recipes and rebuilt in the backward pass
-(the last section). The two took SmolLM2's peak memory in bench.py (batches of 8 quotes) from
-about 2.1 to 1.8 GB, at no measurable cost in speed.
+(the last section). The rebuilding took SmolLM2's peak memory in bench.py (batches of 8 quotes)
+from about 2.1 to 1.8 GB and Llama-3.2-1B's by about 0.5 GB, at no measurable cost in speed.
 
 ENABLED = False switches to the plain formulas, differentiated by autograd: the reference that
 tests/test_kernels.py and bench.py --plain compare against.
@@ -171,46 +171,72 @@ def attention_one_query(q, k, v, mask=None):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Summed cross-entropy of h @ weight^T against targets, for a frozen weight: lm_head and the
-    loss in one, the (N, vocab) logits never whole.
+    """Summed cross-entropy of lm_head(h) against targets, lm_head = h W^T (+ alpha (h A^T) B^T
+    when it carries a LoRA detour), W frozen: lm_head and the loss in one, the (N, vocab) logits
+    never whole.
 
     Autograd would keep the logits' float32 log-softmax until the backward pass, and the backward
-    pass makes two more (N, vocab) float32 tensors: with Llama-3.2's 128,256 words that is hundreds
-    of MB at the moment the step holds all its activations. Here the rows go through in chunks, and
-    each chunk's gradient for h, softmax - one_hot(target) times weight, is computed while its
-    logits are at hand. The forward pass keeps grad_h, (N, d); the backward pass only scales it."""
+    pass makes two more (N, vocab) float32 tensors: 77 MB each for 150 tag tokens and Llama-3.2's
+    128,256 words, when the step holds all its activations, and growing with the batch (at batch 8
+    the step's peak comes later, in the backward pass, so this takes only 20-30 MB off it). Here
+    the rows go through in chunks, and each chunk's gradients (for h, and for A and B if there are
+    any) are computed while its logits are at hand, from grad_logits = softmax - one_hot(target).
+    The forward pass keeps those gradients, (N, d), (r, d) and (vocab, r); the backward pass only
+    scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # h (N, d), weight (vocab, d), targets (N,)
+    def forward(ctx, h, weight, A, B, alpha, targets, chunk):  # h (N, d), weight (vocab, d), targets (N,)
         f32 = _at_least_float32(h)
         loss, grad_h = torch.zeros((), dtype=f32, device=h.device), torch.empty_like(h)
+        lora = A is not None
+        if lora:  # the detour in the products' dtype, as autocast runs it; its gradients in float32
+            grad_A, grad_B = torch.zeros_like(A, dtype=f32), torch.zeros_like(B, dtype=f32)
         for s in range(0, h.shape[0], chunk):
-            logits = h[s:s + chunk] @ weight.T  # (n, vocab) in h's (or autocast's) dtype, as lm_head
+            hc = h[s:s + chunk]  # (n, d)
+            logits = hc @ weight.T  # (n, vocab) in h's (or autocast's) dtype, as lm_head
+            if lora:
+                Ac, Bc = A.to(logits.dtype), B.to(logits.dtype)
+                u = hc @ Ac.T  # (n, r)
+                logits = torch.add(logits, u @ Bc.T, alpha=alpha)  # as LoraModule: y + alpha * B A x
             logits32 = logits.to(f32)
             lse = logits32.logsumexp(-1, keepdim=True)  # (n, 1)
             t = targets[s:s + chunk, None]  # (n, 1)
             loss += (lse - logits32.gather(1, t)).sum()
             grad_logits = logits32.sub_(lse).exp_().scatter_add_(1, t, -torch.ones_like(lse))  # softmax - one_hot
-            grad_h[s:s + chunk] = grad_logits.to(logits.dtype) @ weight.to(logits.dtype)
-        ctx.save_for_backward(grad_h)
+            g = grad_logits.to(logits.dtype)  # (n, vocab)
+            grad_h[s:s + chunk] = g @ weight.to(logits.dtype)
+            if lora:
+                gB = g @ Bc  # (n, r): the gradient reaching u
+                grad_h[s:s + chunk] += alpha * (gB @ Ac)
+                grad_B += alpha * (g.T @ u).to(f32)  # (vocab, r)
+                grad_A += alpha * (gB.T @ hc).to(f32)  # (r, d)
+        if lora:
+            ctx.save_for_backward(grad_h, grad_A.to(A.dtype), grad_B.to(B.dtype))
+        else:
+            ctx.save_for_backward(grad_h)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad.to(grad_h.dtype), None, None, None
+        grad_h, *grad_AB = [t * grad.to(t.dtype) for t in ctx.saved_tensors]
+        grad_A, grad_B = grad_AB or (None, None)
+        return grad_h, None, grad_A, grad_B, None, None, None
 
 
-def linear_cross_entropy(h, linear, targets, chunk_elements=2**24):
-    """F.cross_entropy(linear(h).float(), targets, reduction="sum"), h (N, d) and targets (N,)."""
+def linear_cross_entropy(h, lm_head, targets, chunk_elements=2**24):
+    """F.cross_entropy(lm_head(h).float(), targets, reduction="sum"), h (N, d) and targets (N,);
+    lm_head a frozen nn.Linear without bias, or a LoraModule (lora.py) around one."""
+    linear = getattr(lm_head, "original_module", lm_head)
+    A, B = (lm_head.lora_module[0].weight, lm_head.lora_module[1].weight) if linear is not lm_head else (None, None)
     frozen = isinstance(linear, torch.nn.Linear) and linear.bias is None and not linear.weight.requires_grad
     if ENABLED and frozen and torch.is_grad_enabled() and h.requires_grad:
         # Rows per chunk: 64 MB of float32 logits, 130 rows of Llama-3.2's vocabulary. Not fewer:
         # every chunk reads all of the weight twice (about 1 GB for Llama-3.2-1B in bf16), and at 32
         # rows a chunk the loss took 1.4x as long as autograd's unchunked one; at 130, 1.06x.
         chunk = max(1, chunk_elements // linear.weight.shape[0])
-        return LinearCrossEntropyFunction.apply(h, linear.weight, targets, chunk)
-    logits = linear(h)  # also when lm_head has LoRA
+        alpha = getattr(lm_head, "alpha", 0.0)
+        return LinearCrossEntropyFunction.apply(h, linear.weight, A, B, alpha, targets, chunk)
+    logits = lm_head(h)
     return F.cross_entropy(logits.to(_at_least_float32(logits)), targets, reduction="sum")
 
 

@@ -105,6 +105,25 @@ def test_linear_cross_entropy_equals_autograd_of_lm_head_and_cross_entropy(chunk
     torch.testing.assert_close(grad_fused, grad_plain, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_elements", [2**22, 3 * 50])
+def test_linear_cross_entropy_with_a_lora_lm_head_equals_autograd(chunk_elements):
+    """The default targets adapt lm_head too: the gradients of h, A and B, against autograd
+    through LoraModule and F.cross_entropy."""
+    import lora
+    torch.manual_seed(7)
+    head = lora.LoraModule(frozen_linear(16, 50, torch.float64), r=3, alpha=0.75)
+    h = rand(10, 16)
+    targets = torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(6))
+    A, B = head.lora_module[0].weight, head.lora_module[1].weight
+    fused = kernels.linear_cross_entropy(h, head, targets, chunk_elements)
+    grads_fused = torch.autograd.grad(fused * 0.5, (h, A, B))
+    plain = F.cross_entropy(head(h), targets, reduction="sum")
+    grads_plain = torch.autograd.grad(plain * 0.5, (h, A, B))
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_bf16_linear_cross_entropy_keeps_no_vocab_wide_tensor():
     h, linear = rand(12, 32, dtype=torch.bfloat16), frozen_linear(32, 1000, torch.bfloat16)
     targets = torch.randint(0, 1000, (12,), generator=torch.Generator().manual_seed(6))
