@@ -5,7 +5,7 @@
 The method: every nn.Linear of the model becomes a LoraModule (frozen W plus alpha * B A), both A
 and B start random, alpha starts small (0.125) and doubles after every epoch, and the loss is the
 cross-entropy of the predictions after the separator only. Multi-GPU: `torchrun --nproc_per_node N
-train.py ...` (DDP; rank 0 logs and writes).
+train.py ...` (DDP, see ddp.py; rank 0 logs and writes).
 
 Exit status: 0 done (or --max-steps reached), 1 training failed (loss not finite, out of memory),
 2 bad input (flags, files, --out), 128 + signal when stopped by Ctrl-C (130) or SIGTERM (143) after
@@ -13,7 +13,6 @@ writing a checkpoint. Plot an existing run: python checkpoint.py plot out
 """
 import argparse
 import math
-import os
 import re
 import signal
 import sys
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import data as quotes
+import ddp
 import lora
 from checkpoint import Metrics, check_out, load_checkpoint, plot, prepare_out, save_checkpoint
 from llama import DEFAULT_MODEL, Llama
@@ -126,27 +126,6 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def setup_ddp():
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` has none of them."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    import torch.distributed as dist
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-
-
-def barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def close_ddp():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- the loss
 
 def masked_loss_sum(model, batch, loss_kind):
@@ -192,8 +171,7 @@ def validation_loss(model, samples, args, pad_id, device, dtype):
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
+# ----------------------------------------------------------------------------- stopping on a signal
 
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to stop after the current step and checkpoint first."""
@@ -207,35 +185,6 @@ class StopRequest:
         self.signal = signum
 
 
-def stop_signal(stop, world, device):
-    """The signal any rank received, or None. A signal may reach the ranks a step apart; they must all
-    leave the loop after the same step, or the ones still training would wait for the others forever."""
-    if world == 1:
-        return stop.signal
-    import torch.distributed as dist
-    flag = torch.tensor([stop.signal or 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop.signal = int(flag) or None
-    return stop.signal
-
-
-def check_ranks_agree(raw_model, world, device):
-    """DDP keeps the copies equal by averaging gradients before every step; check it, not trust it:
-    rank 0 alone saves, so a diverged rank would otherwise go unnoticed."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-    flat = torch.cat([t.detach().double().flatten() for t in lora.lora_state_dict(raw_model).values()])
-    weights = torch.arange(1, len(flat) + 1, device=flat.device, dtype=flat.dtype)  # sees swapped values too
-    mine = torch.stack([flat.sum(), (flat * weights).sum()]).to(device)
-    everyone = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine)
-    if not all(torch.equal(everyone[0], other) for other in everyone):
-        raise RuntimeError(f"DDP ranks ended with different adapters (checksums {[c.tolist() for c in everyone]})")
-    if dist.get_rank() == 0:
-        print(f"all {world} processes end with the same adapter", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def alpha_at(args, epoch):
@@ -243,7 +192,7 @@ def alpha_at(args, epoch):
 
 
 def train(args):
-    rank, local_rank, world = setup_ddp()
+    rank, local_rank, world = ddp.setup()
     master = rank == 0
     device = pick_device(args.device)
     if world > 1 and device == "cuda":
@@ -251,7 +200,7 @@ def train(args):
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     check_out(args)
-    barrier(world)  # every rank has read --out before rank 0 changes it
+    ddp.barrier(world)  # every rank has read --out before rank 0 changes it
 
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen base in the compute dtype
     train_set, val_set, tokenizer, info = quotes.load_dataset(model.model_dir, args.data, args.max_len,
@@ -276,15 +225,12 @@ def train(args):
     stop = StopRequest()  # from here on Ctrl-C and SIGTERM end the run after a step, with a checkpoint
     if master:
         prepare_out(args)
-    barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
+    ddp.barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
     start = {"epoch": 0, "batches_done": 0, "step": 0}
     if args.resume:
         start = load_checkpoint(out, model, optimizer)
     metrics = Metrics(out / "metrics.jsonl", keep_until_step=start["step"] if args.resume else None) if master else None
-    raw_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    raw_model, model = model, ddp.wrap(model, world, local_rank, device)
     if master and not args.resume:
         val_loss = validation_loss(raw_model, val_set, args, pad_id, device, dtype)
         metrics.log(kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=val_loss)
@@ -312,7 +258,7 @@ def train(args):
                 metrics.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
                             tokens_per_s=tokens_seen / (time.time() - t0))
                 progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, tokens_seen / (time.time() - t0))
-            last = bool(args.max_steps and step >= args.max_steps) or bool(stop_signal(stop, world, device))
+            last = bool(args.max_steps and step >= args.max_steps) or bool(ddp.stop_signal(stop, world, device))
             epoch_done = i + 1 == steps_per_epoch
             if not epoch_done and (last or step % args.checkpoint_every == 0):
                 if master:
@@ -332,7 +278,7 @@ def train(args):
             saved = step
         if last:
             break
-    check_ranks_agree(raw_model, world, device)
+    ddp.check_ranks_agree(raw_model, world, device)
     if stop.signal:
         if master:
             print(f"\nstopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {out}, "
@@ -363,10 +309,7 @@ def train_step(model, optimizer, batch, args, rank, world, device, dtype):
             loss_sum = masked_loss_sum(model, micro, args.loss) * weight
         (loss_sum * world / n_supervised).backward()  # DDP averages over ranks; undo that
         total += loss_sum.detach()
-    if world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(total)
-    loss = total.item() / n_supervised
+    loss = ddp.sum_over_ranks(total, world).item() / n_supervised
     if math.isfinite(loss):  # a step on an inf or NaN loss would carry it into the weights: skip it
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -401,7 +344,7 @@ def main(argv=None):
     finally:
         for sig, handler in handlers.items():  # main() may be called from Python (tests): hand signals back
             signal.signal(sig, handler)
-        close_ddp()
+        ddp.close()
 
 
 if __name__ == "__main__":

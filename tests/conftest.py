@@ -11,6 +11,7 @@ the repository. Tests find them through environment variables (set by .ci/run):
 Without one of them, the tests that need it are skipped, unless LORA_TEST_REQUIRE=1 (CI sets it),
 in which case they fail: CI must never pass by skipping.
 """
+import copy
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,32 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def llama1b_dir():
     return _path_from_env("LORA_TEST_LLAMA1B")
+
+
+# ----------------------------------------------------------------------------- tiny models (test_lora, test_adapter_files)
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
+    root = tmp_path_factory.mktemp("tiny")
+    return {"tied": write_tiny_model(root / "tied", LLAMA3_GQA_TIED),
+            "untied": write_tiny_model(root / "untied", PLAIN_MHA_UNTIED)}
+
+
+@pytest.fixture(scope="module")
+def base_models(tiny_dirs):
+    from llama import Llama
+    return {k: Llama.from_pretrained(d) for k, d in tiny_dirs.items()}
+
+
+@pytest.fixture
+def tied(base_models):
+    return copy.deepcopy(base_models["tied"])  # deepcopy keeps lm_head.weight IS embed_tokens.weight
+
+
+@pytest.fixture
+def untied(base_models):
+    return copy.deepcopy(base_models["untied"])
 
 
 def pytest_configure(config):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import bench
+import bench_sides
 import data as quotes
+import lora
 from tiny import LLAMA3_GQA_TIED, SENTENCES, write_tiny_model
 
 ROWS = [{"quote": s.split(" | tags: ")[0], "tags": s.split(" | tags: ")[1].split(", ")} for s in SENTENCES[:5]]
@@ -28,7 +30,7 @@ def setup(tmp_path_factory):
 def args_for(folder, data, *extra):
     args = bench.parse_args(["--model", str(folder), "--data", str(data), "--dtype", "float32", "--device", "cpu",
                              "--batch-size", "4", *extra])
-    args.target_list = bench.TARGETS
+    args.target_list = bench_sides.TARGETS
     return args
 
 
@@ -52,7 +54,7 @@ def test_train_flops_by_hand():
     attention = 3 * 2 * 2 * (4 * 16) * pairs  # q k^T and p v, backward twice the forward
     head = supervised * 2 * 2 * 64 * 384  # lm_head only where the loss is
     expected = 2 * (8 * (frozen + adapters) + attention) + head
-    assert bench.train_flops(config, lengths, supervised, r, bench.TARGETS) == expected == 3393024
+    assert bench.train_flops(config, lengths, supervised, r, bench_sides.TARGETS) == expected == 3393024
 
 
 def test_lm_head_adapter_adds_its_flops_at_supervised_positions_only():
@@ -70,8 +72,8 @@ def test_ours_and_peft_compute_the_same_loss_and_lora_gradients(setup):
     """Same weights, same batch: the same loss and the same gradient for every A and B (float32)."""
     folder, data = setup
     args = args_for(folder, data)
-    ours = bench.Ours(args, "cpu", torch.float32)
-    peft = bench.Peft(args, "cpu", torch.float32, start=bench.adapter_weights(ours.model))
+    ours = bench_sides.Ours(args, "cpu", torch.float32)
+    peft = bench_sides.Peft(args, "cpu", torch.float32, start=bench_sides.adapter_weights(ours.model))
     batch = first_batch(folder, data)
     assert (batch["targets"] == quotes.IGNORE_INDEX).any()  # padding and quote tokens carry no loss
     losses = []
@@ -82,7 +84,7 @@ def test_ours_and_peft_compute_the_same_loss_and_lora_gradients(setup):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     inner = peft.model.base_model.model
-    for name, m in bench.lora.lora_modules(ours.model).items():
+    for name, m in lora.lora_modules(ours.model).items():
         theirs = inner.get_submodule(name)
         torch.testing.assert_close(m.lora_module[0].weight.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(m.lora_module[1].weight.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
@@ -92,11 +94,11 @@ def test_plain_path_gives_the_same_loss_and_gradients(setup):
     """kernels.py's hand-written backward passes against autograd differentiating the formulas."""
     folder, data = setup
     batch = first_batch(folder, data)
-    sides = [bench.Ours(args_for(folder, data), "cpu", torch.float32, plain=plain) for plain in (False, True)]
+    sides = [bench_sides.Ours(args_for(folder, data), "cpu", torch.float32, plain=plain) for plain in (False, True)]
     for side in sides:
         side.model.train()
         side.loss_sum(batch).backward()
-    grads = [[p.grad for p in bench.lora.lora_parameters(s.model)] for s in sides]
+    grads = [[p.grad for p in lora.lora_parameters(s.model)] for s in sides]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -104,8 +106,8 @@ def test_plain_path_gives_the_same_loss_and_gradients(setup):
 def test_both_sides_generate_the_same_greedy_tags(setup):
     folder, data = setup
     args = args_for(folder, data)
-    ours = bench.Ours(args, "cpu", torch.float32)
-    peft = bench.Peft(args, "cpu", torch.float32, start=bench.adapter_weights(ours.model))
+    ours = bench_sides.Ours(args, "cpu", torch.float32)
+    peft = bench_sides.Peft(args, "cpu", torch.float32, start=bench_sides.adapter_weights(ours.model))
     prompts = [[0, 5, 9, 14], [0, 7, 3, 3, 12, 40, 41]]  # different lengths: padding on HF's side
     assert ours.generate(prompts, 6) == peft.generate(prompts, 6)
     no_stop = ours.generate(prompts, 6, ignore_eos=True)
@@ -114,9 +116,9 @@ def test_both_sides_generate_the_same_greedy_tags(setup):
 
 def test_padding_mask_and_until_eos():
     batch = {"input_tokens": torch.zeros(2, 4, dtype=torch.long), "lengths": torch.tensor([4, 2])}
-    assert bench.padding_mask(batch).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert bench.until_eos([5, 6, 2, 7], [2, 9]) == [5, 6]
-    assert bench.until_eos([5, 6], [2]) == [5, 6]
+    assert bench_sides.padding_mask(batch).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert bench_sides.until_eos([5, 6, 2, 7], [2, 9]) == [5, 6]
+    assert bench_sides.until_eos([5, 6], [2]) == [5, 6]
 
 
 def test_quantile_interpolates():
@@ -149,9 +151,9 @@ def test_recompute_gives_the_same_loss_and_gradients(setup):
     batch = first_batch(folder, data)
     grads = []
     for recompute in (False, True):
-        side = bench.Ours(args_for(folder, data, *(["--recompute"] if recompute else [])), "cpu", torch.float32)
+        side = bench_sides.Ours(args_for(folder, data, *(["--recompute"] if recompute else [])), "cpu", torch.float32)
         assert side.model.recompute == recompute
         side.loss_sum(batch).backward()
-        grads.append([p.grad for p in bench.lora.lora_parameters(side.model)])
+        grads.append([p.grad for p in lora.lora_parameters(side.model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -1,21 +1,18 @@
-"""data.py: reading the quotes, the sample format and its loss boundary, splits and batches.
+"""data.py: reading the quotes, the sample format and its loss boundary (splits and batches: test_batches.py).
 
 Oracles: hand-written token lists and hand-counted positions; the raw `tokenizers` library for
 what the real Llama-3.2 and SmolLM2 tokenizers do by themselves.
 """
 import json
-import random
 import shutil
 
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
-from data import (QuoteTokenizer, batches, build_samples, collate, count_supervised,
-                  describe_skips, load_dataset, make_sample, prompt_text, prompt_tokens, read_quotes,
-                  sample_text, split_samples)
+from data import (QuoteTokenizer, batches, build_samples, describe_skips, load_dataset, make_sample,
+                  prompt_text, prompt_tokens, read_quotes, sample_text)
 from tests.tiny import train_tokenizer
 
 LLAMA_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # the Instruct model's
@@ -332,75 +329,7 @@ def test_build_samples_counts_truncated_and_dropped(llama):
 
 
 # -----------------------------------------------------------------------------
-# Train/validation split
-
-
-def numbered(n):
-    return [{"input_tokens": [0, i], "output_tokens": [i, 1], "sep_token_index": 0} for i in range(n)]
-
-
-def test_split_is_disjoint_covers_all_and_has_the_asked_size():
-    samples = numbered(100)
-    train, val = split_samples(samples, val_fraction=0.1, seed=0)
-    assert (len(train), len(val)) == (90, 10)
-    assert sorted(s["output_tokens"][0] for s in train + val) == list(range(100))
-
-
-def test_tiny_dataset_still_gets_one_validation_sample_unless_the_fraction_is_zero():
-    train, val = split_samples(numbered(4), val_fraction=0.1)  # 4 * 0.1 rounds to 0
-    assert (len(train), len(val)) == (3, 1)
-    train, val = split_samples(numbered(4), val_fraction=0.0)
-    assert (len(train), len(val)) == (4, 0)
-
-
-def test_split_depends_on_the_seed_only_not_on_global_random_state():
-    samples = numbered(100)
-    first = split_samples(samples, seed=3)
-    random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    random.random()
-    assert split_samples(samples, seed=3) == first
-    assert split_samples(samples, seed=4) != first
-
-
-# -----------------------------------------------------------------------------
-# Batches
-
-
-def test_collate_pads_right_and_targets_only_tags_and_eos():
-    samples = [
-        {"input_tokens": [0, 5, 6, 7, 8], "output_tokens": [5, 6, 7, 8, 1], "sep_token_index": 2},
-        {"input_tokens": [0, 9, 10], "output_tokens": [9, 10, 1], "sep_token_index": 1},
-    ]
-    batch = collate(samples, pad_id=3)
-    assert batch["input_tokens"].tolist() == [[0, 5, 6, 7, 8], [0, 9, 10, 3, 3]]
-    assert batch["targets"].tolist() == [[-100, -100, 7, 8, 1], [-100, 10, 1, -100, -100]]
-    assert batch["lengths"].tolist() == [5, 3]
-    assert {t.dtype for t in batch.values()} == {torch.int64}
-    assert count_supervised(batch) == 5
-
-
-def test_every_sample_appears_exactly_once_per_epoch():
-    samples = numbered(1003)
-    seen = []
-    for batch in batches(samples, batch_size=8, pad_id=0, seed=1, epoch=2):
-        assert batch["input_tokens"].shape[0] <= 8
-        seen += batch["input_tokens"][:, 1].tolist()
-    assert sorted(seen) == list(range(1003))
-
-
-def order_of(samples, **kwargs):
-    return [b["input_tokens"][:, 1].tolist() for b in batches(samples, batch_size=4, pad_id=0, **kwargs)]
-
-
-def test_batches_are_deterministic_for_seed_and_epoch_and_differ_across_epochs():
-    samples = numbered(50)
-    assert order_of(samples, seed=0, epoch=1) == order_of(samples, seed=0, epoch=1)
-    assert order_of(samples, seed=0, epoch=1) != order_of(samples, seed=0, epoch=2)
-    assert order_of(samples, seed=0, epoch=1) != order_of(samples, seed=1, epoch=1)
-
-
-def test_without_shuffle_batches_keep_the_given_order():
-    assert order_of(numbered(10), shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+# Batches (the rest: test_batches.py)
 
 
 def test_length_grouping_pads_far_less_than_random_batches_on_the_real_quotes(llama, quotes_path):

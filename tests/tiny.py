@@ -61,3 +61,18 @@ def write_tiny_model(folder, config=LLAMA3_GQA_TIED, seed=0, max_shard_size=None
     train_tokenizer(config["vocab_size"]).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
     return folder
+
+
+# ----------------------------------------------------------------------------- adapters on tiny models
+
+TOKENS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))  # below both vocabularies
+
+
+def randomize_b(model, seed=0):
+    """Give every B random values, as training would: with B = 0 an adapter tests nothing."""
+    from lora import lora_modules
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            B = m.lora_module[1].weight
+            B.copy_(torch.randn(B.shape, generator=g) * 0.1)

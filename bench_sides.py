@@ -1,0 +1,164 @@
+"""The two sides bench.py compares, and one training step of either.
+
+Ours is this project's Llama with LoRA, trained as train.py trains it; Peft is transformers'
+LlamaForCausalLM with peft's LoRA, trained as their documentation does it. bench.py builds both on
+the same weights with the same starting A and B (adapter_weights, copy_adapter), so that any
+difference in speed, memory or loss comes from the implementations, not from the inputs.
+"""
+import copy
+import time
+import warnings
+
+import torch
+
+import data as quotes
+import kernels
+import lora
+from llama import Llama, LlamaConfig, resolve_model_dir
+from sample import generate
+from train import autocast, masked_loss_sum
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+class Ours:
+    """Our Llama with LoRA, trained as train.py trains it (masked_loss_sum: logits only where the loss is).
+    plain=True: the same without kernels.py, autograd differentiating the plain formulas."""
+
+    def __init__(self, args, device, dtype, plain=False):
+        self.name, self.plain = ("plain" if plain else "ours"), plain
+        self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        torch.manual_seed(args.seed)
+        lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed", targets=args.target_list)
+        self.model.recompute = args.recompute and not plain
+        self.model.rebuild = not args.compile  # compiled layers fuse the elementwise work their own way
+        if args.compile and not plain:
+            for layer in self.model.model.layers:  # one compiled graph serves every layer: same code
+                layer.compile(dynamic=True)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr, weight_decay=0.0)
+        self.merged = None
+
+    def loss_sum(self, batch):
+        kernels.ENABLED = not self.plain  # read as the graph is built; the backward follows it
+        self.merged = None  # the adapter is about to change
+        try:
+            return masked_loss_sum(self.model, batch, "ce")
+        finally:
+            kernels.ENABLED = True
+
+    def generate(self, prompts, max_new_tokens, ignore_eos=False):
+        """sample.py's path: the adapter merged into the weights (a copy, made once after training)."""
+        if self.merged is None:
+            self.merged = copy.deepcopy(self.model).eval()
+            lora.merge_lora(self.merged)
+        return generate(self.merged, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
+
+
+class Peft:
+    """transformers' LlamaForCausalLM with peft's LoRA, trained the way its documentation does it:
+    labels through the model, which computes logits at every position and the loss in float32."""
+    name = "peft"
+
+    def __init__(self, args, device, dtype, start=None):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model_dir = resolve_model_dir(args.model)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        config = LoraConfig(r=args.r, lora_alpha=args.alpha * args.r, target_modules=args.target_list,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, config)  # adapters in float32 on a bf16 base, as ours
+        self.eos_ids = LlamaConfig.from_dir(model_dir).eos_token_ids
+        if start is not None:  # None in the memory run's child: the values do not change the memory
+            copy_adapter(start, self.model)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=args.lr, weight_decay=0.0)
+        self.merged = None
+
+    def loss_sum(self, batch):
+        where = batch["targets"] != quotes.IGNORE_INDEX
+        n = where.sum()
+        self.merged = None  # the adapter is about to change
+        # shift_labels: our targets are already shifted (targets[i] is the token after input[i]).
+        out = self.model(input_ids=batch["input_tokens"], attention_mask=padding_mask(batch),
+                         labels=batch["targets"], shift_labels=batch["targets"], num_items_in_batch=n,
+                         use_cache=False)
+        return out.loss * n
+
+    def generate(self, prompts, max_new_tokens, ignore_eos=False):
+        """PEFT's advice for inference, as ours: merge_and_unload (on a copy, made once after training)."""
+        if self.merged is None:
+            self.merged = copy.deepcopy(self.model).merge_and_unload().eval()
+        model = self.merged
+        eos_ids = None if ignore_eos else self.eos_ids  # None: no stopping, also not the config's eos
+        model.generation_config.eos_token_id = eos_ids
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=eos_ids, pad_token_id=self.eos_ids[0])
+        return [until_eos(row, eos_ids or []) for row in out[:, P:].tolist()]
+
+
+def padding_mask(batch):
+    T = batch["input_tokens"].shape[1]
+    return (torch.arange(T, device=batch["lengths"].device) < batch["lengths"][:, None]).long()  # (B, T)
+
+
+def adapter_weights(model):
+    """{module name: (A, B)} of our model, float32 copies."""
+    return {name: (m.lora_module[0].weight.detach().float().clone(), m.lora_module[1].weight.detach().float().clone())
+            for name, m in lora.lora_modules(model).items()}
+
+
+@torch.no_grad()
+def copy_adapter(weights, peft_model):
+    """Our A (r, in) and B (out, r) into PEFT's lora_A / lora_B: the same keys after PEFT's prefix."""
+    inner = peft_model.base_model.model
+    for name, (A, B) in weights.items():
+        m = inner.get_submodule(name)
+        m.lora_A["default"].weight.copy_(A)
+        m.lora_B["default"].weight.copy_(B)
+
+
+def until_eos(ids, eos_ids):
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos_ids), ids)
+
+
+# ----------------------------------------------------------------------------- one step, timed
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def train_step(side, batch, device, dtype):
+    """Forward, loss, backward, AdamW: train.py's step on one batch. Returns (loss, seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    n = quotes.count_supervised(batch)
+    with autocast(device, dtype):
+        loss_sum = side.loss_sum(batch)
+    (loss_sum / n).backward()
+    side.optimizer.step()
+    side.optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum.item() / n  # .item() waits for the device, so the time is the step's
+    return loss, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def validation_loss(side, batches, device, dtype):
+    side.model.eval()
+    total = count = 0
+    for batch in batches:
+        with autocast(device, dtype):
+            total += side.loss_sum(batch).item()
+        count += quotes.count_supervised(batch)
+    side.model.train()
+    return total / count

@@ -1,0 +1,82 @@
+"""Training on several processes with torchrun: what train.py needs beyond the one-process loop.
+
+    torchrun --nproc_per_node 2 train.py --r 8 --alpha 0.125
+
+Every process holds the whole model and adapter and takes its share of each batch; DDP averages
+the LoRA gradients over the processes before every optimizer step, so the copies stay equal. Three
+things are left to us: the processes must wait for each other where rank 0 alone writes, stop
+after the same step when one of them gets a signal, and end with the same adapter (checked).
+With one process (plain `python train.py`) every function here does nothing.
+"""
+import os
+import sys
+
+import torch
+
+import lora
+
+
+def setup():
+    """(rank, local_rank, world). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python none."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def wrap(model, world, local_rank, device):
+    """The model that averages gradients over the processes in its backward pass."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def sum_over_ranks(total, world):
+    """A tensor summed over the processes, in place (each rank's loss on its share of the batch)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(total)
+    return total
+
+
+def close():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def stop_signal(stop, world, device):
+    """The signal any rank received, or None. A signal may reach the ranks a step apart; they must all
+    leave the loop after the same step, or the ones still training would wait for the others forever."""
+    if world == 1:
+        return stop.signal
+    import torch.distributed as dist
+    flag = torch.tensor([stop.signal or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop.signal = int(flag) or None
+    return stop.signal
+
+
+def check_ranks_agree(raw_model, world, device):
+    """DDP keeps the copies equal by averaging gradients before every step; check it, not trust it:
+    rank 0 alone saves, so a diverged rank would otherwise go unnoticed."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    flat = torch.cat([t.detach().double().flatten() for t in lora.lora_state_dict(raw_model).values()])
+    weights = torch.arange(1, len(flat) + 1, device=flat.device, dtype=flat.dtype)  # sees swapped values too
+    mine = torch.stack([flat.sum(), (flat * weights).sum()]).to(device)
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if not all(torch.equal(everyone[0], other) for other in everyone):
+        raise RuntimeError(f"DDP ranks ended with different adapters (checksums {[c.tolist() for c in everyone]})")
+    if dist.get_rank() == 0:
+        print(f"all {world} processes end with the same adapter", file=sys.stderr)
