@@ -26,7 +26,14 @@ import data as quotes
 import lora
 from bench_sides import TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step, validation_loss
 from llama import resolve_model_dir
-from train import autocast, pick_device, pick_dtype, positive
+from train import autocast, pick_device, pick_dtype, positive, seed
+
+def count(text):
+    """A whole number, 0 included: --warmup, --val-batches, --mem-batches."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0, 1, 2, ...)")
+    return int(text)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,13 +44,13 @@ def parse_args(argv=None):
                    help="compute dtype: the frozen base is stored in it and autocast runs in it")
     p.add_argument("--batch-size", type=positive(int), default=8, help="quotes per step")
     p.add_argument("--steps", type=positive(int), default=20, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, oneDNN kernels)")
+    p.add_argument("--warmup", type=count, default=2, help="untimed steps first (allocator, oneDNN kernels)")
     p.add_argument("--r", type=positive(int), default=8, help="LoRA rank")
     p.add_argument("--alpha", type=positive(float), default=0.125, help="our alpha; PEFT's lora_alpha is alpha * r")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of Linear names to adapt")
     p.add_argument("--max-len", type=positive(int), default=256, help="as train.py: longer quotes are cut")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--peft", action="store_true", help="also run transformers + PEFT and print the ratios")
     p.add_argument("--plain", action="store_true",
                    help="also run our model without kernels.py's hand-written backward passes (the plain path)")
@@ -51,8 +58,8 @@ def parse_args(argv=None):
                    help="activation checkpointing in our model (Llama.recompute): less memory, one more forward")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers (compile time reported)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--val-batches", type=int, default=4, help="validation batches for the training-result check")
-    p.add_argument("--mem-batches", type=int, default=3, help="largest timed batches run again for peak memory (0: skip)")
+    p.add_argument("--val-batches", type=count, default=4, help="validation batches for the training-result check")
+    p.add_argument("--mem-batches", type=count, default=3, help="largest timed batches run again for peak memory (0: skip)")
     p.add_argument("--gen-quotes", type=int, default=32, help="held-out quotes to write tags for (0: skip)")
     p.add_argument("--gen-tokens", type=positive(int), default=32, help="max new tokens per quote")
     p.add_argument("--gen-batch-size", type=positive(int), default=16, help="prompts per generate call")
@@ -219,6 +226,9 @@ def bench(args):
     train_set, val_set, tokenizer, _ = quotes.load_dataset(model_dir, args.data, args.max_len, 0.1, args.seed)
     all_batches = quotes.batches(train_set, args.batch_size, tokenizer.eos_id, seed=args.seed, epoch=0)
     train_batches = [b for _, b in zip(range(args.warmup + args.steps), all_batches)]
+    if len(train_batches) < args.warmup + args.steps:
+        raise ValueError(f"{args.data}: {len(train_batches)} batches of {args.batch_size} quotes, fewer than "
+                         f"--warmup {args.warmup} + --steps {args.steps}")
     if args.memory_of:
         return memory_child(args, device, dtype, train_batches)
 
@@ -235,9 +245,10 @@ def bench(args):
     times, losses = time_training(sides, train_batches, args, device, dtype, result)
     if args.profile:
         profile(sides, [to(b, device) for b in train_batches[:3]], device, dtype)
-    val_batches = [to(b, device) for b in quotes.batches(val_set, args.batch_size, tokenizer.eos_id, shuffle=False)]
+    val_batches = [to(b, device) for _, b in zip(range(args.val_batches),
+                                                 quotes.batches(val_set, args.batch_size, tokenizer.eos_id, shuffle=False))]
     for s in sides:
-        result[s.name]["val_loss"] = validation_loss(s, val_batches[:args.val_batches], device, dtype)
+        result[s.name]["val_loss"] = validation_loss(s, val_batches, device, dtype)
     check_training(sides, losses, result)
 
     largest = sorted(range(len(train_batches)), key=lambda i: -train_batches[i]["input_tokens"].numel())

@@ -15,7 +15,7 @@ import data as quotes
 import kernels
 import lora
 from llama import Llama, LlamaConfig, resolve_model_dir
-from sample import generate
+from sample import generate, until_eos
 from train import autocast, masked_loss_sum
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -125,10 +125,6 @@ def copy_adapter(weights, peft_model):
         m = inner.get_submodule(name)
         m.lora_A["default"].weight.copy_(A)
         m.lora_B["default"].weight.copy_(B)
-
-
-def until_eos(ids, eos_ids):
-    return next((ids[:i] for i, t in enumerate(ids) if t in eos_ids), ids)
 
 
 # ----------------------------------------------------------------------------- one step, timed

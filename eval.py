@@ -45,7 +45,7 @@ def parse_args(argv=None):
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
-    args.temperature, args.top_k, args.top_p, args.loss = 0.0, None, None, "ce"  # greedy, as sample.py's default
+    args.temperature, args.top_k, args.top_p = 0.0, None, None  # greedy, as sample.py's default
     return args
 
 

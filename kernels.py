@@ -87,7 +87,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate, up):
-    if ENABLED:
+    if ENABLED and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         # SwiGLUFunction keeps gate and up: the output can be rebuilt from them.
         return rebuildable(SwiGLUFunction.apply(gate, up), _swiglu, gate, up)
     return _swiglu(gate, up)

@@ -80,7 +80,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top
             break
         logits = model(nxt[:, None], positions[:, P + t:P + t + 1], cache,
                        valid[:, None, None, :P + t + 1])[:, -1]
-    return [_until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
+    return [until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
 
 
 def _prefill_packed(model, prompts, rows, cache, P, device):
@@ -101,7 +101,7 @@ def _prefill_packed(model, prompts, rows, cache, P, device):
     return logits
 
 
-def _until_eos(ids, eos_ids):
+def until_eos(ids, eos_ids):
     for i, tok in enumerate(ids):
         if tok in eos_ids:
             return ids[:i]

@@ -236,7 +236,7 @@ def train(args):
         metrics.log(kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=val_loss)
         print(f"validation loss before training: {val_loss:.4f}", file=sys.stderr)
 
-    step, last = start["step"], False
+    step, last, stopped = start["step"], False, None
     saved = step if args.resume else None  # the step of the checkpoint in --out
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     for epoch in range(start["epoch"], args.epochs):
@@ -258,7 +258,10 @@ def train(args):
                 metrics.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
                             tokens_per_s=tokens_seen / (time.time() - t0))
                 progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, tokens_seen / (time.time() - t0))
-            last = bool(args.max_steps and step >= args.max_steps) or bool(ddp.stop_signal(stop, world, device))
+            done = bool(args.max_steps and step >= args.max_steps)
+            # The signal every rank agrees on; one that comes later (in the last save) ends nothing early.
+            stopped = None if done else ddp.stop_signal(stop, world, device)
+            last = done or stopped is not None
             epoch_done = i + 1 == steps_per_epoch
             if not epoch_done and (last or step % args.checkpoint_every == 0):
                 if master:
@@ -279,11 +282,11 @@ def train(args):
         if last:
             break
     ddp.check_ranks_agree(raw_model, world, device)
-    if stop.signal:
+    if stopped:
         if master:
-            print(f"\nstopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved in {out}, "
+            print(f"\nstopped by {signal.Signals(stopped).name} at step {step}; checkpoint saved in {out}, "
                   "continue with --resume", file=sys.stderr)
-        return 128 + stop.signal
+        return 128 + stopped
     if master and args.plot:
         plot(out)
     return 0

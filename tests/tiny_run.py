@@ -54,20 +54,23 @@ def train_args(model, data, out, *more):
             "--batch-size", "4", "--dtype", "float32", "--device", "cpu", *map(str, more)]
 
 
-def run_script(argv, cwd=ROOT, timeout=180, **kwargs):
-    """Run a Python command line (['train.py', ...] or ['-c', code, ...]) in a fresh interpreter."""
+def _command(argv):
+    """(command, environment) for a Python command line: ['train.py', ...] or ['-c', code, ...]."""
     script = [str(ROOT / argv[0])] if argv[0].endswith(".py") else [argv[0]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *script, *map(str, argv[1:])], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return [sys.executable, *script, *map(str, argv[1:])], env
+
+
+def run_script(argv, cwd=ROOT, timeout=180, **kwargs):
+    """Run a Python command line in a fresh interpreter."""
+    command, env = _command(argv)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def popen_script(argv, cwd=ROOT):
     """Like run_script, but returns at once: for signals sent while it runs."""
-    script = [str(ROOT / argv[0])] if argv[0].endswith(".py") else [argv[0]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *script, *map(str, argv[1:])], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, env = _command(argv)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def hashes(folder):
