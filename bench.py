@@ -23,10 +23,11 @@ import time
 import torch
 
 import data as quotes
+import export
 import lora
 from bench_sides import TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step, validation_loss
-from llama import resolve_model_dir
-from train import autocast, pick_device, pick_dtype, positive, seed
+from common import autocast, pick_device, pick_dtype, positive, seed
+from hub import resolve_model_dir
 
 def count(text):
     """A whole number, 0 included: --warmup, --val-batches, --mem-batches."""
@@ -70,7 +71,7 @@ def parse_args(argv=None):
                         "the few steps trained here, so completions are real tags that end with eos")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
     p.add_argument("--json", action="store_true", help="make the last line one JSON object")
-    p.add_argument("--memory-of", choices=["ours", "peft"], help=argparse.SUPPRESS)  # the child processes
+    p.add_argument("--memory-of", choices=["ours", "plain", "peft"], help=argparse.SUPPRESS)  # the child processes
     p.add_argument("--batch-ids", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -143,7 +144,10 @@ def peak_memory_mb(device):
 
 def memory_child(args, device, dtype, train_batches):
     """Run in a fresh process: load one side, then the given batches; print its peaks as JSON."""
-    side = Ours(args, device, dtype) if args.memory_of == "ours" else Peft(args, device, dtype)
+    if args.memory_of == "peft":
+        side = Peft(args, device, dtype)
+    else:
+        side = Ours(args, device, dtype, plain=args.memory_of == "plain")
     load_peak = peak_memory_mb(device)
     reset_peak_memory(device)
     for i in map(int, args.batch_ids.split(",")):
@@ -253,7 +257,7 @@ def bench(args):
 
     largest = sorted(range(len(train_batches)), key=lambda i: -train_batches[i]["input_tokens"].numel())
     for s in sides:
-        if s.name != "plain" and args.mem_batches > 0:
+        if args.mem_batches > 0:
             log(f"peak memory of {s.name}: a fresh process ...")
             result[s.name].update(measure_memory(args, s.name, sorted(largest[:args.mem_batches])))
 
@@ -323,7 +327,7 @@ def bench_generation(sides, prompts, args, device, dtype, result):
     """Greedy tags with the trained weights (or --adapter's), the same on both sides."""
     ours = sides[0]
     if args.adapter:
-        lora.load_adapter(ours.model, args.adapter)
+        export.load_adapter(ours.model, args.adapter)
     if args.peft:
         from peft.tuners.lora import LoraLayer
         copy_adapter(adapter_weights(ours.model), sides[1].model)

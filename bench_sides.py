@@ -14,9 +14,10 @@ import torch
 import data as quotes
 import kernels
 import lora
-from llama import Llama, LlamaConfig, resolve_model_dir
+from common import autocast
+from hub import resolve_model_dir
+from llama import Llama, LlamaConfig
 from sample import generate, until_eos
-from train import autocast, masked_loss_sum
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,16 +25,18 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ----------------------------------------------------------------------------- the two sides
 
 class Ours:
-    """Our Llama with LoRA, trained as train.py trains it (masked_loss_sum: logits only where the loss is).
-    plain=True: the same without kernels.py, autograd differentiating the plain formulas."""
+    """Our Llama with LoRA, trained as train.py trains it (logits only where the loss is).
+    plain=True: the same without kernels.py (train.py --no-kernels), autograd differentiating
+    llama.py's plain formulas."""
 
     def __init__(self, args, device, dtype, plain=False):
         self.name, self.plain = ("plain" if plain else "ours"), plain
         self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         torch.manual_seed(args.seed)
         lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed", targets=args.target_list)
+        if not plain:  # compiled layers fuse the elementwise work their own way: no rebuilding
+            kernels.use(self.model, rebuild=not args.compile)
         self.model.recompute = args.recompute and not plain
-        self.model.rebuild = not args.compile  # compiled layers fuse the elementwise work their own way
         if args.compile and not plain:
             for layer in self.model.model.layers:  # one compiled graph serves every layer: same code
                 layer.compile(dynamic=True)
@@ -42,12 +45,9 @@ class Ours:
         self.merged = None
 
     def loss_sum(self, batch):
-        kernels.ENABLED = not self.plain  # read as the graph is built; the backward follows it
         self.merged = None  # the adapter is about to change
-        try:
-            return masked_loss_sum(self.model, batch, "ce")
-        finally:
-            kernels.ENABLED = True
+        where = batch["targets"] != quotes.IGNORE_INDEX  # (B, T) after the separator
+        return self.model(batch["input_tokens"], logits_at=where, targets=batch["targets"][where])
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
         """sample.py's path: the adapter merged into the weights (a copy, made once after training)."""
@@ -113,7 +113,7 @@ def padding_mask(batch):
 
 def adapter_weights(model):
     """{module name: (A, B)} of our model, float32 copies."""
-    return {name: (m.lora_module[0].weight.detach().float().clone(), m.lora_module[1].weight.detach().float().clone())
+    return {name: (m.A.detach().float().clone(), m.B.detach().float().clone())
             for name, m in lora.lora_modules(model).items()}
 
 

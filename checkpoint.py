@@ -1,47 +1,160 @@
 """What a training run leaves in its --out folder, and how a run picks it up again.
 
     out/run.json          the settings (RUN_FLAGS); --resume refuses other settings
-    out/checkpoint.pt     adapter, AdamW moments, position in the data, RNG states: resume bit for bit
+    out/checkpoint.pt     adapter, AdamW moments, position in the data, RNG states (resume bit
+                          for bit)
     out/adapter.safetensors   the LoRA tensors alone, for sample.py and lora.py export
     out/metrics.jsonl     one JSON object per step and per evaluation
     out/loss.png          with --plot: the curves of metrics.jsonl
 
-Every file is written whole or not at all (write_atomic), so a crash or a kill mid-write never
-destroys the previous checkpoint, and no run deletes another: --overwrite moves the old one aside.
+Every file is written whole or not at all (export.write_atomic), so a crash or a kill mid-write
+never destroys the previous checkpoint, and no run deletes another: --overwrite moves the old one
+aside. train.py's loop reaches all of this through one object, Run: where to start, what to log,
+when to checkpoint, and how the run ends (--max-steps, Ctrl-C, SIGTERM).
 """
 import json
-import os
+import math
 import random
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import export
 import lora
 
-CHECKPOINT = "checkpoint.pt"  # everything needed to resume; the adapter alone is lora.ADAPTER_FILE
+CHECKPOINT = "checkpoint.pt"  # all that resuming needs; the adapter alone is export.ADAPTER_FILE
 # Flags that define a run: --resume refuses an --out folder whose run differs in any of them.
-RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "grad_accum", "lr", "targets",
-             "init", "loss", "dtype", "seed", "val_fraction", "max_len")
+RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "grad_accum", "lr",
+             "targets", "init", "loss", "dtype", "seed", "val_fraction", "max_len")
 
+
+# ----------------------------------------------------------------------------- the run
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step and checkpoint first."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request)
+
+    def request(self, signum, frame):
+        self.signal = signum
+
+
+class Run:
+    """One training run in --out, for train.py's loop. Every rank holds one and makes the same
+    calls in the same order; rank 0 (`master`) alone writes and prints, the others keep the same
+    counts.
+
+    Creating it takes over Ctrl-C and SIGTERM (a signal now ends the run after a step, with a
+    checkpoint) and, on rank 0, makes the first write into --out: a run that failed before this
+    left --out as it was."""
+
+    def __init__(self, args, raw_model, optimizer, master):
+        self.args, self.raw_model, self.optimizer, self.master = args, raw_model, optimizer, master
+        self.out = Path(args.out)
+        self.stop = StopRequest()
+        self.signal = None  # the signal that ended the run, if one did
+        self.saved = None  # the step of the checkpoint in --out
+        self.metrics = None  # rank 0's metrics.jsonl, from start() on
+        if master:
+            prepare_out(args)
+
+    def start(self):
+        """(epoch, batches done in it, step) to go on from: zeros, or with --resume the
+        checkpoint's, its adapter, AdamW moments and RNG states loaded and its later metrics rows
+        dropped."""
+        position = {"epoch": 0, "batches_done": 0, "step": 0}
+        if self.args.resume:
+            position = load_checkpoint(self.out, self.raw_model, self.optimizer)
+            self.saved = position["step"]
+        if self.master:
+            self.metrics = Metrics(self.out / "metrics.jsonl", keep_until_step=self.saved)
+        return position["epoch"], position["batches_done"], position["step"]
+
+    def log(self, **row):
+        if self.master:
+            self.metrics.log(**row)
+
+    def check_finite(self, loss, step):
+        """train_step did not apply a step on an inf or NaN loss: the weights, and the checkpoint
+        in --out, are still the good ones. Stop, and say which checkpoint is kept."""
+        if math.isfinite(loss):
+            return
+        kept = "no checkpoint yet"
+        if self.saved is not None:
+            kept = f"the checkpoint of step {self.saved} in {self.out} is kept"
+        raise FloatingPointError(f"loss became {loss} at step {step}; stopped, {kept} "
+                                 "(try a lower --lr or --alpha)")
+
+    def is_last_step(self, step, sig):
+        """--max-steps reached, or the signal `sig` came (the one all ranks agree on, from
+        ddp.stop_signal). A signal in the step that reaches --max-steps ends nothing early: the
+        run is finished, not stopped."""
+        done = bool(self.args.max_steps and step >= self.args.max_steps)
+        self.signal = None if done else sig
+        return done or sig is not None
+
+    def maybe_checkpoint(self, epoch, batches_done, step, alpha, last):
+        """Mid-epoch: every --checkpoint-every steps, and before the run ends early."""
+        if last or step % self.args.checkpoint_every == 0:
+            self.save(epoch, batches_done, step, alpha)
+
+    def end_of_epoch(self, epoch, step, alpha, val_loss):
+        """Log rank 0's validation loss, and checkpoint at the start of the next epoch."""
+        if self.master:
+            self.log(kind="eval", step=step, epoch=epoch + 1, alpha=alpha, val_loss=val_loss)
+            print(f"\nepoch {epoch + 1}: validation loss {val_loss:.4f} (alpha {alpha})",
+                  file=sys.stderr)
+        self.save(epoch + 1, 0, step, alpha)
+
+    def save(self, epoch, batches_done, step, alpha):
+        if self.master:
+            position = {"epoch": epoch, "batches_done": batches_done, "step": step, "alpha": alpha}
+            save_checkpoint(self.out, self.raw_model, self.optimizer, position, self.args.model)
+        self.saved = step
+
+    def finish(self, step):
+        """The exit status: 0, or 128 + the signal that stopped the run (after its checkpoint)."""
+        if self.signal:
+            if self.master:
+                name = signal.Signals(self.signal).name
+                print(f"\nstopped by {name} at step {step}; checkpoint saved in {self.out}, "
+                      "continue with --resume", file=sys.stderr)
+            return 128 + self.signal
+        if self.master and self.args.plot:
+            plot(self.out)
+        return 0
+
+
+# ----------------------------------------------------------------------------- the --out folder
 
 def check_out(args):
     """Refuse to mix two runs in one folder, or to resume a run with other settings. Only reads, so
     every rank can ask (and all refuse together), before minutes of model loading."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out}: is a file, expected a folder (new, empty, or holding a run)")
+        raise NotADirectoryError(f"--out {out}: is a file, expected a folder "
+                                 "(new, empty, or holding a run)")
     if args.resume:
         if not (out / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"--resume: {out / CHECKPOINT} does not exist, nothing to resume")
-        theirs, mine = json.loads((out / "run.json").read_text()), {k: getattr(args, k) for k in RUN_FLAGS}
-        changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {mine[k]!r}" for k in RUN_FLAGS if theirs.get(k) != mine[k]]
+            raise FileNotFoundError(f"--resume: {out / CHECKPOINT} does not exist, "
+                                    "nothing to resume")
+        theirs = json.loads((out / "run.json").read_text())
+        mine = {k: getattr(args, k) for k in RUN_FLAGS}
+        changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {mine[k]!r}"
+                   for k in RUN_FLAGS if theirs.get(k) != mine[k]]
         if changed:
-            raise ValueError(f"--resume: {out} holds a run with other settings: {', '.join(changed)}")
+            raise ValueError(f"--resume: {out} holds a run with other settings: "
+                             f"{', '.join(changed)}")
     elif out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} already holds a run; pass --resume to continue it, "
-                              "--overwrite to start over (the old one is kept aside), or another --out")
+                              "--overwrite to start over (the old one is kept aside), "
+                              "or another --out")
 
 
 def prepare_out(args):
@@ -49,37 +162,34 @@ def prepare_out(args):
     before it leaves --out as it was. --overwrite moves an old run aside, never deletes it."""
     out = Path(args.out)
     if args.resume:
-        for tmp in out.glob(".*.tmp"):  # a crash mid-write left it; the file it was to replace is whole
+        # A crash mid-write left a temp file; the file it was to replace is whole.
+        for tmp in out.glob(".*.tmp"):
             tmp.unlink()
         return
     if out.exists() and any(out.iterdir()):
-        aside = next(out.with_name(f"{out.name}.old{i}") for i in range(1, 10**6) if not out.with_name(f"{out.name}.old{i}").exists())
+        aside = next(out.with_name(f"{out.name}.old{i}") for i in range(1, 10**6)
+                     if not out.with_name(f"{out.name}.old{i}").exists())
         out.rename(aside)
         print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     mine = {k: getattr(args, k) for k in RUN_FLAGS}
-    write_atomic(out / "run.json", lambda f: f.write_bytes(json.dumps(mine, indent=1).encode()))
+    text = json.dumps(mine, indent=1)
+    export.write_atomic(out / "run.json", lambda tmp: tmp.write_bytes(text.encode()))
 
 
-def write_atomic(path, write):
-    """write(tmp_path) then rename over `path`: a crash mid-write leaves the previous file whole (and
-    at worst a hidden .NAME.tmp, which --resume deletes); an error mid-write deletes the temp."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+# ----------------------------------------------------------------------------- checkpoint.pt
 
 def save_checkpoint(out, raw_model, optimizer, state, base_model):
-    """Adapter, optimizer moments, position in the data and every RNG: enough to resume bit for bit."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Adapter, optimizer moments, position in the data and every RNG: enough to resume bit for
+    bit. `state` is the position: epoch, batches_done (in that epoch), step, and alpha."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    ckpt = {"adapter": lora.lora_state_dict(raw_model), "optimizer": optimizer.state_dict(), "rng": rng, **state}
-    write_atomic(out / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
-    lora.save_adapter(raw_model, out / lora.ADAPTER_FILE, base_model=base_model)
+    ckpt = {"adapter": lora.lora_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+            "rng": rng, **state}
+    export.write_atomic(out / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
+    export.save_adapter(raw_model, out / export.ADAPTER_FILE, base_model=base_model)
 
 
 def load_checkpoint(out, raw_model, optimizer):
@@ -96,14 +206,18 @@ def load_checkpoint(out, raw_model, optimizer):
     return {k: ckpt[k] for k in ("epoch", "batches_done", "step")}
 
 
+# ----------------------------------------------------------------------------- metrics, loss.png
+
 class Metrics:
     """metrics.jsonl: one JSON object a line, per step and per evaluation (rank 0 only)."""
 
     def __init__(self, path, keep_until_step=None):
         self.path = path
-        if keep_until_step is not None and path.exists():  # resuming: forget steps after the checkpoint
-            lines = [l for l in path.read_text().splitlines() if json.loads(l).get("step", 0) <= keep_until_step]
-            write_atomic(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
+        # Resuming: forget the steps after the checkpoint; they will run again.
+        if keep_until_step is not None and path.exists():
+            rows = path.read_text().splitlines()
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= keep_until_step]
+            export.write_atomic(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in kept)))
 
     def log(self, **row):
         with open(self.path, "a") as f:
@@ -118,18 +232,21 @@ def plot(out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib); skipped loss.png", file=sys.stderr)
+        print("--plot needs matplotlib (pip install matplotlib); skipped loss.png",
+              file=sys.stderr)
         return
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     evals = [r for r in rows if r["kind"] == "eval"]
+    at = [r["step"] for r in steps]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.6, label="train loss")
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.plot(at, [r["loss"] for r in steps], lw=0.6, alpha=0.6, label="train loss")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
+            label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy per tag token")
     ax2 = ax.twinx()
-    ax2.step([r["step"] for r in steps], [r["alpha"] for r in steps], "k--", lw=1, where="post", label="alpha")
+    ax2.step(at, [r["alpha"] for r in steps], "k--", lw=1, where="post", label="alpha")
     ax2.set_ylabel("alpha")
     fig.legend(loc="upper right")
     fig.tight_layout()
@@ -137,6 +254,8 @@ def plot(out):
 
 
 if __name__ == "__main__":  # python checkpoint.py plot OUT: loss.png for a run, finished or not
-    if len(sys.argv) != 3 or sys.argv[1] != "plot" or not (Path(sys.argv[2]) / "metrics.jsonl").is_file():
-        sys.exit("usage: python checkpoint.py plot OUT   (OUT: a train.py --out folder with metrics.jsonl)")
-    plot(sys.argv[2])
+    argv = sys.argv[1:]
+    if len(argv) != 2 or argv[0] != "plot" or not (Path(argv[1]) / "metrics.jsonl").is_file():
+        sys.exit("usage: python checkpoint.py plot OUT   "
+                 "(OUT: a train.py --out folder with metrics.jsonl)")
+    plot(argv[1])

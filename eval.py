@@ -1,11 +1,11 @@
-"""Score an adapter on held-out quotes: validation loss on tag tokens, and tag precision / recall / F1
-of greedy sample.py completions against the true tags.
+"""Score an adapter on held-out quotes: validation loss on tag tokens, and tag precision / recall /
+F1 of greedy sample.py completions against the true tags.
 
     python eval.py --adapter out               # the adapter train.py wrote
     python eval.py --no-adapter --model M      # the base model, for the "before" row
 
-The held-out quotes are train.py's validation split (same --data, --seed, --val-fraction, --max-len),
-so the adapter never saw them.
+The held-out quotes are train.py's validation split (same --data, --seed, --val-fraction,
+--max-len), so the adapter never saw them.
 """
 import argparse
 import json
@@ -15,27 +15,35 @@ import sys
 import time
 
 import data as quotes
+from common import pick_device, pick_dtype, positive, seed, validation_loss
 from sample import complete, load
-from train import pick_device, pick_dtype, positive, seed, validation_loss
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__,  # prog: the same name when called from tests
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__,  # prog: also from tests
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="hub id or HF folder (default: the adapter's base model)")
-    p.add_argument("--adapter", default=None, help="train.py --out folder, adapter file or PEFT folder")
+    p.add_argument("--model", default=None,
+                   help="hub id or HF folder (default: the adapter's base model)")
+    p.add_argument("--adapter", default=None,
+                   help="train.py --out folder, adapter file or PEFT folder")
     p.add_argument("--no-adapter", action="store_true", help="score the base model alone")
     p.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
     p.add_argument("--data", default=quotes.DEFAULT_DATASET, help="the same --data train.py used")
-    p.add_argument("--n", type=positive(int), default=250, help="held-out quotes to write tags for")
+    p.add_argument("--n", type=positive(int), default=250,
+                   help="held-out quotes to write tags for")
     p.add_argument("--seed", type=seed, default=0, help="train.py's --seed (it fixes the split)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train.py's --val-fraction")
     p.add_argument("--max-len", type=positive(int), default=256, help="train.py's --max-len")
-    p.add_argument("--max-new-tokens", type=positive(int), default=32, help="tokens generated per quote")
-    p.add_argument("--batch-size", type=positive(int), default=16, help="quotes per generate / loss batch")
+    p.add_argument("--max-new-tokens", type=positive(int), default=32,
+                   help="tokens generated per quote")
+    p.add_argument("--batch-size", type=positive(int), default=16,
+                   help="quotes per generate / loss batch")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="compute dtype")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="compute dtype")
     p.add_argument("--show", type=int, default=3, help="print this many example completions")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="score with llama.py's plain formulas, without kernels.py's speed layer")
     args = p.parse_args(argv)
     if not args.adapter and not args.no_adapter:
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
@@ -78,15 +86,18 @@ def evaluate(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load(args, device, dtype)
-    _, val, _, _ = quotes.load_dataset(model.model_dir, args.data, args.max_len, args.val_fraction, args.seed)
+    _, val, _, _ = quotes.load_dataset(model.model_dir, args.data, args.max_len,
+                                       args.val_fraction, args.seed)
     if not val:
-        raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction {args.val_fraction} of the "
-                         "usable quotes rounds to none)")
+        raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
+                         f"{args.val_fraction} of the usable quotes rounds to none)")
     t0 = time.time()
-    result = {"val_loss": validation_loss(model, val, args, tokenizer.eos_id, device, dtype)}
+    loss = validation_loss(model, val, args.batch_size, tokenizer.eos_id, device, dtype)
+    result = {"val_loss": loss}
     held_out = val[:args.n]
-    # The prompt as the model saw it in training: 'quote | tags:', the quote cut to --max-len if it was.
-    prompts = [tokenizer.decode(s["input_tokens"][1:s["sep_token_index"] + 1]) for s in held_out]
+    # The prompt as the model saw it in training: 'quote | tags:', the quote cut to --max-len.
+    prompts = [tokenizer.decode(s["input_tokens"][1:s["sep_token_index"] + 1])
+               for s in held_out]
     completions = complete(model, tokenizer, prompts, args, device, dtype)
     result.update(tag_scores(completions, [s["tags"] for s in held_out]), n=len(held_out),
                   seconds=round(time.time() - t0, 1))
@@ -105,7 +116,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C while loading or scoring: nothing was written, no traceback
         print("eval.py: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps({"adapter": None if args.no_adapter else args.adapter, "alpha": args.alpha, **result}))
+    adapter = None if args.no_adapter else args.adapter
+    print(json.dumps({"adapter": adapter, "alpha": args.alpha, **result}))
     return 0
 
 

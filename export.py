@@ -1,12 +1,24 @@
-"""Take an adapter out of this project: PEFT's adapter format, or a merged Hugging Face model.
+"""Adapter files: every format this project reads or writes, and the `python lora.py export` CLI.
+
+The formats:
+
+    ours    adapter.safetensors (what train.py --out holds): the LoRA tensors keyed as in the
+            model, `model.layers.0.self_attn.q_proj.lora_module.0.weight` for A (r, in) and
+            `...lora_module.1.weight` for B (out, r), plus safetensors metadata (str -> str):
+            format, r, alpha, init, targets, base_model, base_config (the base's shape).
+    PEFT    Hugging Face's adapter library: a folder with adapter_config.json and
+            adapter_model.safetensors, keys `base_model.model.<module>.lora_A.weight` (r, in) and
+            `.lora_B.weight` (out, r). PEFT scales by lora_alpha / r: our alpha is lora_alpha / r.
+            Read by load_adapter (given the folder), written by export_peft.
+    merged  a plain Hugging Face model folder with alpha * B @ A folded into W: any Llama loader
+            (transformers, vLLM, llama.cpp's converter) runs it without knowing about LoRA.
+
+The sections: writing whole or not at all (write_atomic, used for every file and folder the
+project writes); our adapter file; loading an adapter into a model; the PEFT format; the merged
+export; the command line:
 
     python lora.py export --adapter out --format peft --out out-peft
     python lora.py export --adapter out --format merged --out out-merged
-
-PEFT (Hugging Face's adapter library) stores A and B as `base_model.model.<module>.lora_A.weight`
-(r, in) and `.lora_B.weight` (out, r) and scales by lora_alpha / r, so our alpha is lora_alpha / r
-(reading that format back is in lora.py, beside our own). A merged model has alpha * B @ A folded
-into W, so any Llama loader runs it without knowing about LoRA.
 """
 import argparse
 import json
@@ -14,13 +26,52 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from lora import _adapter_of_model, load_adapter, lora_modules, read_adapter
+from lora import (LoraModule, check_alpha, fingerprint, lora_modules, lora_state_dict, set_alpha,
+                  wrap_linears)
+
+ADAPTER_FILE = "adapter.safetensors"  # what a folder written by train.py --out holds
+FORMAT = "lora-from-scratch"  # safetensors metadata tag that tells our adapters from other files
+
+
+# ----------------------------------------------------------------------------- whole or not at all
+
+def write_atomic(path, write, folder=False):
+    """write(tmp) fills a temp file (a temp folder with folder=True) beside `path`, which then
+    takes `path`'s place in one os.replace (atomic within one filesystem). A crash mid-write
+    leaves the previous file whole (at worst a hidden .NAME.*.tmp, which train.py --resume
+    deletes); an error mid-write deletes the temp. A non-empty folder is never replaced."""
+    path = Path(path)
+    if folder:
+        check_out_dir(path)  # before writing anything
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = dict(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(**names))
+    else:
+        fd, tmp = tempfile.mkstemp(**names)
+        os.close(fd)
+        tmp = Path(tmp)
+    try:
+        write(tmp)
+        # mkstemp, mkdtemp and safetensors make what they create private to us (0600, 0700).
+        for p in [tmp, *tmp.rglob("*")] if folder else [tmp]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.replace(tmp, path)  # a folder may replace an empty one (checked above)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return path
+
 
 def check_out_dir(out_dir):
     out_dir = Path(out_dir)
@@ -28,53 +79,229 @@ def check_out_dir(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite it")
 
 
-@contextmanager
-def _new_folder(out_dir):
-    """Yield a temp folder next to out_dir, renamed to out_dir once complete: never a half export."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+# ----------------------------------------------------------------------------- our adapter file
+
+def adapter_of_model(model):
+    """(tensors keyed like model.layers.0.self_attn.q_proj.lora_module.0.weight, metadata)."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA modules: nothing to save")
+    first = next(iter(modules.values()))
+    if any((m.r, m.alpha) != (first.r, first.alpha) for m in modules.values()):
+        raise ValueError("LoRA modules differ in r or alpha; "
+                         "one adapter file holds one r and one alpha")
+    meta = dict(r=first.r, alpha=first.alpha, init=first.init, base_config=fingerprint(model),
+                targets=sorted({n.rsplit(".", 1)[-1] for n in modules}),
+                base_model=str(getattr(model, "name_or_path", None) or ""))
+    return lora_state_dict(model), meta
+
+
+def save_adapter(model, path, base_model: str):
+    """Write only the LoRA tensors (a few MB, not the 2.5 GB base) plus what it takes to reload
+    them; a folder path gets adapter.safetensors inside. Returns the file's Path."""
+    if not isinstance(base_model, str):
+        raise TypeError(f"base_model must be the base's name or path as a str, got {base_model!r}")
+    tensors, meta = adapter_of_model(model)
+    path = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
+    tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+    metadata = dict(format=FORMAT, r=str(meta["r"]), alpha=repr(meta["alpha"]), init=meta["init"],
+                    targets=",".join(meta["targets"]), base_model=base_model,
+                    base_config=json.dumps(meta["base_config"]))  # metadata is str -> str
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _read_ours(path):
     try:
-        yield tmp
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private to us
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with safe_open(path, "pt") as f:
+            raw, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if raw.get("format") != FORMAT:
+        peft = path.name == "adapter_model.safetensors"
+        hint = " (a PEFT adapter? pass its folder)" if peft else ""
+        raise ValueError(f"{path}: not a LoRA adapter written by lora.py{hint}")
+    try:
+        meta = dict(r=int(raw["r"]), alpha=float(raw["alpha"]), init=raw["init"],
+                    base_model=raw["base_model"], targets=raw["targets"].split(","),
+                    base_config=json.loads(raw["base_config"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: damaged adapter metadata ({type(e).__name__}: {e})") from None
+    return tensors, meta
+
+
+def read_adapter(path):
+    """(tensors, metadata) from our .safetensors file, a folder holding one, or a PEFT folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter file or folder")
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        tensors, meta = _read_peft(path)
+    elif path.is_dir() and (path / ADAPTER_FILE).is_file():
+        path = path / ADAPTER_FILE
+        tensors, meta = _read_ours(path)
+    elif path.is_dir():
+        raise FileNotFoundError(f"{path}: folder holds neither {ADAPTER_FILE} "
+                                "nor a PEFT adapter_config.json")
+    else:
+        tensors, meta = _read_ours(path)
+    r = meta["r"]
+    for key, t in tensors.items():  # every key a pair half, A (r, in) or B (out, r)
+        half = re.fullmatch(r".+\.lora_module\.([01])\.weight", key)
+        if not half or t.ndim != 2 or t.shape[int(half[1])] != r:
+            raise ValueError(f"{path}: tensor {key} {tuple(t.shape)} "
+                             f"is not a LoRA A or B of rank r={r}")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- into a model
+
+def _check_fits(model, tensors, meta):
+    """Refuse, before touching the model, an adapter that does not fit; name the first misfit."""
+    base = fingerprint(model)
+    for k, v in meta["base_config"].items():
+        if k in base and base[k] != v:
+            raise ValueError(f"adapter was trained on a base with {k}={v}, "
+                             f"this model has {k}={base[k]}")
+    names = list(dict.fromkeys(k.rsplit(".lora_module.", 1)[0] for k in tensors))
+    existing = lora_modules(model)
+    if existing:
+        ranks = {m.r for m in existing.values()}
+        if ranks != {meta["r"]}:
+            raise ValueError(f"adapter has rank r={meta['r']}, "
+                             f"the model's LoRA modules have r={sorted(ranks)}")
+        differ = [n for n in [*existing, *names] if (n in existing) != (n in names)]
+        if differ:  # a partial load would leave some modules with stale weights
+            raise ValueError("the model's LoRA modules and the adapter's differ, "
+                             f"first at {differ[0]}")
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"adapter has LoRA weights for {name}, "
+                             "which this model does not have") from None
+        linear = m.original_module if isinstance(m, LoraModule) else m
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"adapter has LoRA weights for {name}, "
+                             f"which is a {type(m).__name__}, not a Linear")
+        want = {0: (meta["r"], linear.in_features), 1: (linear.out_features, meta["r"])}
+        for i in (0, 1):
+            key = f"{name}.lora_module.{i}.weight"
+            if key not in tensors:
+                raise ValueError(f"adapter lacks {key}")
+            if tuple(tensors[key].shape) != want[i]:
+                raise ValueError(f"{key}: adapter has shape {tuple(tensors[key].shape)}, "
+                                 f"model expects {want[i]}")
+    return names
+
+
+def load_adapter(model, path, alpha=None, expected_base=None):
+    """Put an adapter (ours or PEFT's) into the model, adding LoRA modules if it has none yet.
+    alpha overrides the saved one. Returns the adapter's metadata."""
+    if alpha is not None:
+        check_alpha(alpha)
+    tensors, meta = read_adapter(path)
+    if expected_base is not None and meta["base_model"] != expected_base:
+        # Warn, not refuse: the same weights go by many names (hub id, a local copy's path);
+        # the shapes, checked next, are what must match.
+        warnings.warn(f"{path}: adapter was trained on {meta['base_model']!r}, "
+                      f"loading into {expected_base!r}")
+    names = _check_fits(model, tensors, meta)
+    if not lora_modules(model):
+        wrap_linears(model, names, meta["r"], meta["alpha"], meta["init"])
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            m.A.copy_(tensors[f"{name}.lora_module.0.weight"])
+            m.B.copy_(tensors[f"{name}.lora_module.1.weight"])
+    set_alpha(model, meta["alpha"] if alpha is None else alpha)
+    return meta
+
+
+# ----------------------------------------------------------------------------- the PEFT format
+
+PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# PEFT options that change the arithmetic, with the value under which it is plain LoRA.
+PEFT_PLAIN = dict(use_dora=False, use_rslora=False, bias="none", lora_bias=False,
+                  fan_in_fan_out=False, layers_to_transform=None, layers_pattern=None,
+                  rank_pattern={}, alpha_pattern={}, modules_to_save=None,
+                  layer_replication=None, trainable_token_indices=None, target_parameters=None,
+                  use_qalora=False, alora_invocation_tokens=None,
+                  # True would move an lm_head adapter onto embed_tokens too:
+                  ensure_weight_tying=False)
+
+
+def _read_peft(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported, "
+                         "only 'LORA'")
+    for option, plain in PEFT_PLAIN.items():
+        value = config.get(option, plain)
+        if not (value == plain or value is None or value is False or value in ([], {})):
+            raise ValueError(f"{folder}: PEFT option {option}={value!r} is not supported "
+                             "(plain LoRA only)")
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found "
+                                "(only safetensors PEFT adapters are supported)")
+    tensors = {}
+    for key, t in load_file(file).items():
+        match = PEFT_KEY.fullmatch(key)
+        if not match:
+            raise ValueError(f"{file}: tensor {key} is not a LoRA A or B of a Linear layer")
+        tensors[f"{match[1]}.lora_module.{'AB'.index(match[2])}.weight"] = t
+    r, lora_alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or not isinstance(lora_alpha, (int, float)):
+        raise ValueError(f"{folder}: adapter_config.json lacks an int r or a number lora_alpha")
+    # init only records how A and B started; "zero" is PEFT's default and the loaded weights
+    # replace it.
+    meta = dict(r=r, alpha=lora_alpha / r, init="zero", base_config={},
+                base_model=config.get("base_model_name_or_path") or "",
+                targets=sorted({k.split(".lora_module.")[0].rsplit(".", 1)[-1] for k in tensors}))
+    return tensors, meta
+
+
+def import_peft(model, peft_dir, alpha=None, expected_base=None):
+    if not (Path(peft_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{peft_dir}: no adapter_config.json, not a PEFT adapter folder")
+    return load_adapter(model, peft_dir, alpha, expected_base)
 
 
 def export_peft(source, out_dir, base_model=None):
-    """Write a PEFT adapter folder from a model with LoRA or from an adapter path (no base needed)."""
-    tensors, meta = read_adapter(source) if isinstance(source, (str, Path)) else _adapter_of_model(source)
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=meta["r"], lora_alpha=meta["alpha"] * meta["r"],
-                  target_modules=meta["targets"], base_model_name_or_path=base_model or meta["base_model"] or None,
-                  bias="none", use_dora=False, use_rslora=False, fan_in_fan_out=False, lora_dropout=0.0,
-                  init_lora_weights=True, inference_mode=True)
+    """Write a PEFT adapter folder from a model with LoRA or from an adapter path (no base
+    needed)."""
+    if isinstance(source, (str, Path)):
+        tensors, meta = read_adapter(source)
+    else:
+        tensors, meta = adapter_of_model(source)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=meta["r"],
+                  lora_alpha=meta["alpha"] * meta["r"], target_modules=meta["targets"],
+                  base_model_name_or_path=base_model or meta["base_model"] or None,
+                  bias="none", use_dora=False, use_rslora=False, fan_in_fan_out=False,
+                  lora_dropout=0.0, init_lora_weights=True, inference_mode=True)
     peft = {}
     for key, t in tensors.items():
         name, i = re.fullmatch(r"(.+)\.lora_module\.([01])\.weight", key).groups()
         peft[f"base_model.model.{name}.lora_{'AB'[int(i)]}.weight"] = t.to("cpu").contiguous()
-    with _new_folder(out_dir) as tmp:
+
+    def write(tmp):
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
+    return write_atomic(out_dir, write, folder=True)
 
 
 # ----------------------------------------------------------------------------- merged HF export
 
-WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pth|pt|gguf)|model\.safetensors\.index\.json|config\.json")
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pth|pt|gguf)"
+                          r"|model\.safetensors\.index\.json|config\.json")
 
 
 def export_merged(model, out_dir, dtype=None):
-    """Write a plain Hugging Face folder with LoRA folded into the weights: any Llama loader
-    (transformers, vLLM, llama.cpp's converter) reads it without knowing about LoRA. The model
-    itself is left as it is. dtype defaults to the base checkpoint's."""
+    """Write a plain Hugging Face folder with LoRA folded into the weights. The model itself is
+    left as it is. dtype defaults to the base checkpoint's."""
     model_dir = getattr(model, "model_dir", None)
     if model_dir is None or not (Path(model_dir) / "config.json").is_file():
-        raise ValueError("export_merged needs model.model_dir, the base's HF folder (config, tokenizer)")
+        raise ValueError("export_merged needs model.model_dir, "
+                         "the base's HF folder (config, tokenizer)")
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     saved = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
@@ -90,30 +317,35 @@ def export_merged(model, out_dir, dtype=None):
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
-    with _new_folder(out_dir) as tmp:
+
+    def write(tmp):
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in model_dir.iterdir():  # tokenizer, generation config, license travel with the weights
+        for f in model_dir.iterdir():  # tokenizer, generation config, license go with the weights
             if f.is_file() and not WEIGHT_FILES.fullmatch(f.name):
                 shutil.copy(f, tmp / f.name)
-    return Path(out_dir)
+    return write_atomic(out_dir, write, folder=True)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="lora.py", description="Tools for LoRA adapters made by train.py.")
+    parser = argparse.ArgumentParser(prog="lora.py",
+                                     description="Tools for LoRA adapters made by train.py.")
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="convert an adapter to PEFT or to a merged HF model folder",
-                                 description="Convert an adapter to a PEFT adapter folder or a merged HF model.")
-    export.add_argument("--adapter", required=True,
-                        help="train.py's --out folder, an adapter .safetensors file, or a PEFT adapter folder")
+    export = commands.add_parser(
+        "export", help="convert an adapter to PEFT or to a merged HF model folder",
+        description="Convert an adapter to a PEFT adapter folder or a merged HF model.")
+    export.add_argument("--adapter", required=True, help="train.py's --out folder, "
+                        "an adapter .safetensors file, or a PEFT adapter folder")
     export.add_argument("--format", required=True, choices=["peft", "merged"],
-                        help="peft: adapter_config.json + adapter_model.safetensors for peft.PeftModel; "
-                             "merged: a full HF model folder with LoRA folded into the weights")
-    export.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
-    export.add_argument("--model", help="base model (hub id or local folder); default: the one the "
-                                        "adapter records. For peft it only sets base_model_name_or_path")
+                        help="peft: adapter_config.json + adapter_model.safetensors for "
+                             "peft.PeftModel; merged: a full HF model folder with LoRA folded "
+                             "into the weights")
+    export.add_argument("--out", required=True,
+                        help="folder to create (must not exist or be empty)")
+    export.add_argument("--model", help="base model (hub id or local folder); default: the one "
+                        "the adapter records. For peft it only sets base_model_name_or_path")
     args = parser.parse_args(argv)
     try:
         check_out_dir(args.out)  # before loading a 1B model, not after
@@ -124,7 +356,8 @@ def main(argv=None):
             if not base:
                 raise ValueError(f"{args.adapter} does not record its base model; pass --model")
             from llama import Llama  # only the merged export needs the model
-            model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in float32, save in the base's dtype
+            # Merge in float32; export_merged saves in the base's dtype.
+            model = Llama.from_pretrained(base, dtype=torch.float32)
             load_adapter(model, args.adapter)
             export_merged(model, args.out)
     except (ValueError, TypeError, OSError, RuntimeError) as e:

@@ -3,8 +3,9 @@
     python sample.py "The only way to do great work is to love what you do. | tags:"
 
 The adapter comes from train.py's --out folder (default: out/ when it exists) and is merged into
-the weights. generate() below is the decoding loop: the prompts are read packed together, then
-continued as one batch, a token per step, each step reading keys and values from a KV cache.
+the weights. Generation comes twice below. generate_simple() is the lesson: the prompts padded on
+the left into one batch, read in one forward that fills a KV cache, then continued a token a step.
+generate() is what runs: the same decoding, after reading the prompts packed together.
 """
 import argparse
 import json
@@ -15,16 +16,15 @@ from pathlib import Path
 
 import torch
 
+import export
+import kernels
 import lora
+from common import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, seed
 from data import QuoteTokenizer
 from llama import DEFAULT_MODEL, KVCache, Llama
-from train import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, seed
 
 
 # ----------------------------------------------------------------------------- generation
-
-PACK_TOKENS = 512  # generate() reads the prompts packed into rows of about this many tokens
-
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab) -> next tokens (B,). Temperature 0 is greedy."""
@@ -36,32 +36,90 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass ahead of each token
-        sorted_logits = sorted_logits.masked_fill(before > top_p, float("-inf"))  # the first always stays
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # the mass ahead of each token: the first always stays
+        sorted_logits = sorted_logits.masked_fill(before > top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def left_padded(prompts, max_new_tokens, device):
+    """(valid, positions), both (B, P + max_new_tokens) with P the longest prompt: every prompt
+    ends at column P, so every row's next token sits in the same column. valid is True on real
+    tokens; positions count from each row's first real token (0 on the pads)."""
+    if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("generate needs max_new_tokens >= 1 and non-empty prompts")
+    P = max(len(p) for p in prompts)
+    valid = torch.zeros(len(prompts), P + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        valid[i, P - len(p):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return valid, positions
+
+
+@torch.no_grad()
+def generate_simple(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                    eos_ids=None, generator=None):
+    """Continue each prompt (a list of token ids) until an eos id or max_new_tokens; returns the
+    new ids of each prompt, eos excluded. The plain way: one padded batch, read in one forward."""
+    device = model.inv_freq.device
+    valid, positions = left_padded(prompts, max_new_tokens, device)  # (B, S)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), 0 on the pads
+    tokens[valid[:, :P]] = torch.tensor([t for p in prompts for t in p], device=device)
+    # A real token sees the real tokens up to itself. A pad sees only the pads (all on its left):
+    # a query that sees nothing would make softmax divide by zero, and its NaN reach the cache.
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
+    mask = causal & (valid[:, None, :P] | ~valid[:, :P, None])  # (B, T=P, S=P)
+    cache = KVCache(model.config, P + max_new_tokens)
+    logits = model(tokens, positions[:, :P], cache, mask[:, None])[:, -1]  # (B, vocab)
+    return decode(model, logits, cache, valid, positions, eos_ids,
+                  temperature, top_k, top_p, generator)
+
+
+def decode(model, logits, cache, valid, positions, eos_ids, temperature, top_k, top_p, generator):
+    """One token a step, the prompts already in `cache` (P = cache.length columns). logits
+    (B, vocab) follow each prompt; valid and positions (B, S) as left_padded() made them."""
+    eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
+    B, P = valid.shape[0], cache.length
+    steps = valid.shape[1] - P
+    out = torch.zeros(B, steps, dtype=torch.long, device=valid.device)
+    done = torch.zeros(B, dtype=torch.bool, device=valid.device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=valid.device)
+    for t in range(steps):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        out[:, t] = nxt
+        done |= torch.isin(nxt, eos)
+        if t == steps - 1 or bool(done.all()):  # a row past its eos runs on; until_eos cuts it
+            break
+        # The new token (B, 1) at column P + t sees every real column so far: (B, 1, 1, P + t + 1).
+        mask = valid[:, None, None, :P + t + 1]
+        logits = model(nxt[:, None], positions[:, P + t:P + t + 1], cache, mask)[:, -1]
+    return [until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
+
+
+def until_eos(ids, eos_ids):
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[:i]
+    return ids
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+PACK_TOKENS = 512  # generate() reads the prompts packed into rows of about this many tokens
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
              eos_ids=None, generator=None):
-    """Continue each prompt (a list of token ids) until an eos id or max_new_tokens; returns the
-    new ids of each prompt, eos excluded. The prompts are read packed together, then continued as
-    one batch, padded on the left so that every row's next token sits in the same last column."""
-    if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
-        raise ValueError("generate needs max_new_tokens >= 1 and non-empty prompts")
-    eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
+    """generate_simple()'s tokens, faster: padded, every prompt costs the longest one (quotes run
+    from 15 to 250 tokens); one forward a prompt pays each layer's fixed cost per prompt. Packed
+    into rows of about PACK_TOKENS, each prompt attending to itself only, a prompt costs its own
+    tokens; its keys and values then move to its row of the batch's cache, right-aligned."""
     device = model.inv_freq.device
+    valid, positions = left_padded(prompts, max_new_tokens, device)  # (B, S)
     B, P = len(prompts), max(len(p) for p in prompts)
-    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # (B, S) real tokens
-    for i, p in enumerate(prompts):
-        valid[i, P - len(p):] = True
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
-    # Prefill: the prompts are read packed one after another into rows of about PACK_TOKENS, each
-    # attending only to itself. As a padded batch, every prompt would be computed up to the longest
-    # one (quotes run from 15 to 250 tokens); one forward per prompt would pay every layer's fixed
-    # cost once per prompt. Keys and values then move to each prompt's row of the batch's cache,
-    # right-aligned, and all rows continue together.
     cache, logits, group, size = KVCache(model.config, P + max_new_tokens), [], [], 0
     for i, p in enumerate(prompts):
         group, size = group + [i], size + len(p)
@@ -69,28 +127,18 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top
             logits.append(_prefill_packed(model, prompts, group, cache, P, device))
             group, size = [], 0
     cache.length, logits = P, torch.cat(logits)  # (B, vocab)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = model(nxt[:, None], positions[:, P + t:P + t + 1], cache,
-                       valid[:, None, None, :P + t + 1])[:, -1]
-    return [until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
+    return decode(model, logits, cache, valid, positions, eos_ids,
+                  temperature, top_k, top_p, generator)
 
 
 def _prefill_packed(model, prompts, rows, cache, P, device):
-    """Run prompts[rows] as one packed sequence and copy their keys and values into those rows of
-    `cache`, each ending at position P. Returns the logits after each prompt, (len(rows), vocab)."""
+    """Run prompts[rows] as one packed sequence; copy their keys and values into those rows of
+    `cache`, each ending at column P. Returns the logits after each prompt, (len(rows), vocab)."""
     lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)
     tokens = torch.tensor([t for i in rows for t in prompts[i]], device=device)[None]  # (1, N)
-    which = torch.arange(len(rows), device=device).repeat_interleave(lengths)  # (N,) prompt of each token
+    which = torch.arange(len(rows), device=device).repeat_interleave(lengths)  # (N,) its prompt
     starts = lengths.cumsum(0) - lengths
-    positions = torch.arange(tokens.shape[1], device=device) - starts[which]  # from 0 in every prompt
+    positions = torch.arange(tokens.shape[1], device=device) - starts[which]  # 0.. in each prompt
     # A token sees the earlier tokens of its own prompt: a block-diagonal causal mask, (N, N).
     mask = (which[:, None] == which[None, :]) & (positions[:, None] >= positions[None, :])
     last = positions == lengths[which] - 1  # (N,) each prompt's last token
@@ -101,39 +149,40 @@ def _prefill_packed(model, prompts, rows, cache, P, device):
     return logits
 
 
-def until_eos(ids, eos_ids):
-    for i, tok in enumerate(ids):
-        if tok in eos_ids:
-            return ids[:i]
-    return ids
-
-
 # ----------------------------------------------------------------------------- the command
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,  # prog: the same name under torchrun and tests
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,  # prog: under torchrun too
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", nargs="*", help='prompts such as "<quote> | tags:"')
-    p.add_argument("--prompts-file", help="file with one prompt a line")
-    p.add_argument("--jsonl", action="store_true", help='print {"prompt", "completion"} a line, for scripts')
-    p.add_argument("--model", default=None, help=f"hub id or HF folder (default: the adapter's base, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", default=None, help=f"train.py --out folder, adapter file or PEFT folder (default: {DEFAULT_OUT}/ if present)")
-    p.add_argument("--no-adapter", action="store_true", help="the base model alone")
-    p.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha (try 4 or 16 to watch the 'concussion')")
-    p.add_argument("--max-new-tokens", type=positive(int), default=32, help="upper bound on generated tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=positive(int), default=None, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of probability >= p")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the sampler")
-    p.add_argument("--batch-size", type=positive(int), default=16, help="prompts generated together")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="compute dtype")
+    add = p.add_argument
+    add("prompts", nargs="*", help='prompts such as "<quote> | tags:"')
+    add("--prompts-file", help="file with one prompt a line")
+    add("--jsonl", action="store_true", help='print {"prompt", "completion"} a line, for scripts')
+    add("--model", default=None,
+        help=f"hub id or HF folder (default: the adapter's base, else {DEFAULT_MODEL})")
+    add("--adapter", default=None, help="train.py --out folder, adapter file or PEFT folder "
+        f"(default: {DEFAULT_OUT}/ if present)")
+    add("--no-adapter", action="store_true", help="the base model alone")
+    add("--alpha", type=float, default=None,
+        help="override the adapter's alpha (try 4 or 16 to watch the 'concussion')")
+    add("--max-new-tokens", type=positive(int), default=32, help="upper bound on generated tokens")
+    add("--temperature", type=float, default=0.0, help="0 = greedy")
+    add("--top-k", type=positive(int), default=None, help="sample among the k likeliest tokens")
+    add("--top-p", type=float, default=None,
+        help="sample within the smallest set of probability >= p")
+    add("--seed", type=seed, default=0, help="seed of the sampler")
+    add("--batch-size", type=positive(int), default=16, help="prompts generated together")
+    add("--device", default="auto", help="auto, cuda, mps or cpu")
+    add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+        help="compute dtype")
+    add("--no-kernels", action="store_true",
+        help="generate with llama.py's plain formulas, without kernels.py's speed layer")
     args = p.parse_args(argv)
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan would reach the sampler
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan reaches the sampler
         p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0 switches the adapter off
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0: off
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -146,7 +195,8 @@ def read_prompts(args):
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts-file {path}: no such file")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError("no prompt: pass one as an argument or use --prompts-file")
     for i, prompt in enumerate(prompts):
@@ -156,27 +206,27 @@ def read_prompts(args):
 
 
 def pick_adapter(args):
-    """The adapter to load, or None. Without --adapter, train.py's default output is used if there."""
+    """The adapter to load, or None. Without --adapter: train.py's default output, if there."""
     if args.no_adapter:
         return None
     if args.adapter:
         return args.adapter
-    if (Path(DEFAULT_OUT) / lora.ADAPTER_FILE).is_file():
-        print(f"using the adapter in {DEFAULT_OUT}/ (train.py's default --out); --no-adapter for the base alone",
-              file=sys.stderr)
+    if (Path(DEFAULT_OUT) / export.ADAPTER_FILE).is_file():
+        print(f"using the adapter in {DEFAULT_OUT}/ (train.py's default --out); "
+              "--no-adapter for the base alone", file=sys.stderr)
         return DEFAULT_OUT
     print("no adapter given and none in out/: sampling the base model", file=sys.stderr)
     return None
 
 
 def complete(model, tokenizer, prompts, args, device, dtype):
-    """Completions of all prompts, in their order; prompts of similar length are batched together."""
+    """Completions of all prompts, in their order; prompts of similar length batched together."""
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     context = model.config.max_position_embeddings
     for i, p in enumerate(ids):
         if len(p) + args.max_new_tokens > context:
-            raise ValueError(f"prompt {i + 1} is {len(p)} tokens; with --max-new-tokens {args.max_new_tokens} "
-                             f"it passes the model's context of {context}")
+            raise ValueError(f"prompt {i + 1} is {len(p)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it passes the model's context of {context}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = [None] * len(ids)
@@ -191,17 +241,20 @@ def complete(model, tokenizer, prompts, args, device, dtype):
 
 
 def load(args, device, dtype):
-    """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in."""
+    """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in,
+    and kernels.py's speed layer on unless --no-kernels."""
     adapter = pick_adapter(args)
-    meta = lora.read_adapter(adapter)[1] if adapter else None
-    name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # a PEFT adapter may record none
+    meta = export.read_adapter(adapter)[1] if adapter else None
+    name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # PEFT's may name none
     model = Llama.from_pretrained(name, dtype=dtype, device=device)
     if adapter:
-        with warnings.catch_warnings(record=True) as caught:  # e.g. another base name: one line, not file:line
+        with warnings.catch_warnings(record=True) as caught:  # one line each, not file:line
             warnings.simplefilter("always")
-            lora.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
+            export.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
         for warning in caught:
             print(f"sample.py: warning: {warning.message}", file=sys.stderr)
+    if not args.no_kernels:
+        kernels.use(model)
     return model, QuoteTokenizer.from_model_dir(model.model_dir)
 
 
@@ -212,18 +265,19 @@ def main(argv=None):
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         model, tokenizer = load(args, device, dtype)
-        # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
-        # costs the base model's products, not two more small ones (and their casts) per Linear.
+        # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
+        # token costs the base model's products, not two more small ones (and casts) per Linear.
         lora.merge_lora(model)
         completions = complete(model, tokenizer, prompts, args, device, dtype)
     except (ValueError, TypeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to clean up, no traceback
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to clean up
         print("sample.py: interrupted", file=sys.stderr)
         return 130
     for prompt, completion in zip(prompts, completions):
-        print(json.dumps({"prompt": prompt, "completion": completion}) if args.jsonl else prompt + completion)
+        row = {"prompt": prompt, "completion": completion}
+        print(json.dumps(row) if args.jsonl else prompt + completion)
     return 0
 
 

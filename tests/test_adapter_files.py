@@ -1,16 +1,20 @@
-"""lora.py's adapter files: save_adapter, load_adapter, and what they refuse.
+"""export.py's adapter files: save_adapter, load_adapter, write_atomic, and what they refuse.
 
 Oracle: the logits of the model that wrote an adapter; a reload into a fresh copy of the base must
 reproduce them exactly.
 """
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-import lora
-from lora import add_lora, count_parameters, load_adapter, lora_modules, lora_state_dict, save_adapter
+import export
+from export import load_adapter, save_adapter, write_atomic
+from lora import add_lora, count_parameters, lora_modules, lora_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tiny import TOKENS, randomize_b
 
 
@@ -20,7 +24,8 @@ def test_save_load_round_trip_gives_the_same_logits(untied, base_models, tiny_di
     path = save_adapter(untied, tmp_path / "a.safetensors", base_model=str(tiny_dirs["untied"]))
     fresh = copy.deepcopy(base_models["untied"])
     meta = load_adapter(fresh, path)
-    assert (meta["r"], meta["alpha"], meta["targets"]) == (4, 0.25, ["down_proj", "q_proj", "v_proj"])
+    assert (meta["r"], meta["alpha"]) == (4, 0.25)
+    assert meta["targets"] == ["down_proj", "q_proj", "v_proj"]
     assert meta["base_model"] == str(tiny_dirs["untied"])
     assert torch.equal(fresh(TOKENS), untied(TOKENS))
     assert count_parameters(fresh) == count_parameters(untied)  # frozen the same way
@@ -38,13 +43,14 @@ def test_save_adapter_into_a_folder_and_load_from_the_folder(untied, base_models
 
 def test_adapter_file_holds_only_lora_tensors_and_metadata(tied, tmp_path):
     add_lora(tied, r=2, alpha=0.125, init="zero", targets=["q_proj", "lm_head"])
-    path = save_adapter(tied, tmp_path / "a.safetensors", base_model="meta-llama/Llama-3.2-1B-Instruct")
+    base = "meta-llama/Llama-3.2-1B-Instruct"
+    path = save_adapter(tied, tmp_path / "a.safetensors", base_model=base)
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     assert keys == set(lora_state_dict(tied))
     assert meta["r"] == "2" and float(meta["alpha"]) == 0.125 and meta["init"] == "zero"
-    assert meta["targets"] == "lm_head,q_proj" and meta["base_model"] == "meta-llama/Llama-3.2-1B-Instruct"
+    assert meta["targets"] == "lm_head,q_proj" and meta["base_model"] == base
     assert '"hidden_size": 64' in meta["base_config"]
 
 
@@ -56,7 +62,8 @@ def test_load_alpha_overrides_the_saved_alpha(untied, base_models, tmp_path):
     assert {m.alpha for m in lora_modules(fresh).values()} == {2.0}
 
 
-def test_load_into_a_model_that_already_has_lora_replaces_its_weights(untied, base_models, tmp_path):
+def test_load_into_a_model_that_already_has_lora_replaces_its_weights(untied, base_models,
+                                                                         tmp_path):
     add_lora(untied, r=2, alpha=0.5)
     randomize_b(untied, seed=1)
     save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
@@ -71,14 +78,16 @@ def test_load_with_another_rank_is_refused(untied, base_models, tmp_path):
     save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
     other = copy.deepcopy(base_models["untied"])
     add_lora(other, r=4)
-    with pytest.raises(ValueError, match=r"adapter has rank r=2, the model's LoRA modules have r=\[4\]"):
+    message = r"adapter has rank r=2, the model's LoRA modules have r=\[4\]"
+    with pytest.raises(ValueError, match=message):
         load_adapter(other, tmp_path / "a.safetensors")
 
 
 def test_load_an_adapter_of_another_model_size_is_refused(untied, tied, tmp_path):
     add_lora(untied, r=2)
     save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
-    with pytest.raises(ValueError, match="trained on a base with hidden_size=48, this model has hidden_size=64"):
+    message = "trained on a base with hidden_size=48, this model has hidden_size=64"
+    with pytest.raises(ValueError, match=message):
         load_adapter(tied, tmp_path / "a.safetensors")
     assert not lora_modules(tied)  # refused before touching the model
 
@@ -89,7 +98,8 @@ def test_load_a_tensor_of_another_shape_names_the_key_and_both_shapes(tmp_path):
     add_lora(model, r=2)
     save_adapter(model, tmp_path / "a.safetensors", base_model="x")
     wider = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
-    with pytest.raises(ValueError, match=r"2\.lora_module\.1\.weight: adapter has shape \(4, 2\), model expects \(5, 2\)"):
+    message = r"2\.lora_module\.1\.weight: adapter has shape \(4, 2\), model expects \(5, 2\)"
+    with pytest.raises(ValueError, match=message):
         load_adapter(wider, tmp_path / "a.safetensors")
 
 
@@ -110,7 +120,8 @@ def test_load_with_another_expected_base_warns(untied, base_models, tmp_path):
     add_lora(untied, r=2)
     save_adapter(untied, tmp_path / "a.safetensors", base_model="org/trained-on")
     with pytest.warns(UserWarning, match="trained on 'org/trained-on', loading into 'org/other'"):
-        load_adapter(copy.deepcopy(base_models["untied"]), tmp_path / "a.safetensors", expected_base="org/other")
+        load_adapter(copy.deepcopy(base_models["untied"]), tmp_path / "a.safetensors",
+                     expected_base="org/other")
 
 
 def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp_path):
@@ -123,8 +134,75 @@ def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp
             f.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lora, "save_file", crash)
+    monkeypatch.setattr(export, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(untied, path, base_model="x")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
+
+
+def test_an_adapter_written_before_export_py_still_loads(untied, base_models, tmp_path):
+    """The file lora.py wrote before the adapter code moved to export.py, spelled out by hand:
+    keys as in the model's state dict, metadata str -> str. It must load, and save_adapter must
+    still write exactly these keys and metadata."""
+    add_lora(untied, r=2, alpha=0.5, targets=["q_proj"])
+    randomize_b(untied)
+    tensors = {k: t for k, t in untied.state_dict().items() if ".lora_module." in k}
+    base_config = dict(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=4)  # tiny.PLAIN_MHA_UNTIED
+    old_meta = dict(format="lora-from-scratch", r="2", alpha="0.5", init="seed", targets="q_proj",
+                    base_model="org/base", base_config=json.dumps(base_config))
+    save_file(tensors, tmp_path / "old.safetensors", metadata=old_meta)
+    fresh = copy.deepcopy(base_models["untied"])
+    load_adapter(fresh, tmp_path / "old.safetensors")
+    assert torch.equal(fresh(TOKENS), untied(TOKENS))
+    new = save_adapter(untied, tmp_path / "new.safetensors", base_model="org/base")
+    with safe_open(new, "pt") as f:
+        assert f.metadata() == old_meta and set(f.keys()) == set(tensors)
+
+
+# ----------------------------------------------------------------------------- write_atomic
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("ne")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # the temp is gone
+    write_atomic(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_write_atomic_writes_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder may be replaced
+
+    def half_then_fail(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(out, half_then_fail, folder=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(out.iterdir())
+
+    def write(tmp):
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.txt").write_text("x")
+        (tmp / "config.json").write_text("{}")
+
+    write_atomic(out, write, folder=True)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777
+             for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, "sub": 0o755, "sub/x.txt": 0o644, "config.json": 0o644}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    called = []
+    with pytest.raises(FileExistsError, match="exists and is not empty; refusing to overwrite it"):
+        write_atomic(out, called.append, folder=True)
+    assert not called  # refused before writing anything

@@ -281,7 +281,7 @@ def test_lora_module_takes_any_settings_or_refuses_them(r, alpha, init):
     module = refused_with_a_message(lambda: lora.LoraModule(nn.Linear(4, 3), r=r, alpha=alpha, init=init))
     if module is not None:
         assert module.r == r and module.alpha == float(alpha) and module.init == init
-        assert module.lora_module[0].weight.shape == (r, 4) and module.lora_module[1].weight.shape == (3, r)
+        assert module.A.shape == (r, 4) and module.B.shape == (3, r)
 
 
 def test_check_alpha_refuses_an_int_beyond_float_range_with_a_value_error():

@@ -87,8 +87,8 @@ def test_ours_and_peft_compute_the_same_loss_and_lora_gradients(setup):
     inner = peft.model.base_model.model
     for name, m in lora.lora_modules(ours.model).items():
         theirs = inner.get_submodule(name)
-        torch.testing.assert_close(m.lora_module[0].weight.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(m.lora_module[1].weight.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_plain_path_gives_the_same_loss_and_gradients(setup):

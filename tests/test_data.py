@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+import hub
 from data import (QuoteTokenizer, batches, build_samples, describe_skips, load_dataset, make_sample,
                   prompt_text, prompt_tokens, read_quotes, sample_text)
 from tests.tiny import train_tokenizer
@@ -80,7 +81,7 @@ def test_missing_file_raises_file_not_found_naming_the_path(tmp_path):
 
 def test_missing_path_like_source_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
     with pytest.raises(FileNotFoundError, match="quotes.jsonl"):
         read_quotes("data/quotes.jsonl")
 
@@ -172,7 +173,7 @@ def test_crlf_line_endings_blank_lines_and_a_bom_are_read(tmp_path):
 def test_hub_source_downloads_quotes_jsonl_of_the_dataset_repo(tmp_path, monkeypatch):
     local = write_jsonl(tmp_path / "quotes.jsonl", [good_row()])
     calls = []
-    monkeypatch.setattr(data.huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
     pairs, _ = read_quotes("Abirate/english_quotes")
     assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl", "repo_type": "dataset"}]
     assert pairs == [("“Be yourself.”", ["honesty", "life"])]
@@ -181,7 +182,7 @@ def test_hub_source_downloads_quotes_jsonl_of_the_dataset_repo(tmp_path, monkeyp
 def test_hub_failure_is_one_line_telling_to_pass_data(monkeypatch):
     def offline(**kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
-    monkeypatch.setattr(data.huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="could not download.*pass a local JSONL file with --data") as error:
         read_quotes("Abirate/english_quotes")
     assert "\n" not in str(error.value)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import common
 import eval as eval_py
 import export
 import lora
@@ -209,16 +210,16 @@ def test_sample_cuda_without_cuda_is_refused(capsys):
 @pytest.mark.parametrize("name", ["gpu", "cpu:0", "cuda:x", "cuda:", " cuda", "CPU"])
 def test_device_names_other_than_auto_cuda_mps_cpu_are_refused(name):
     with pytest.raises(ValueError, match=re.escape(f"--device {name}: expected auto, cuda, cuda:N, mps or cpu")):
-        train.pick_device(name)
+        common.pick_device(name)
 
 
 def test_a_cuda_device_number_the_machine_lacks_is_refused(monkeypatch):
     # A one-GPU machine, as torch would describe it: cuda:0 exists, cuda:1 does not.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert train.pick_device("cuda:0") == "cuda:0"
+    assert common.pick_device("cuda:0") == "cuda:0"
     with pytest.raises(ValueError, match="this machine has 1 CUDA device"):
-        train.pick_device("cuda:1")
+        common.pick_device("cuda:1")
 
 
 # ----------------------------------------------------------------------------- eval.py
@@ -247,7 +248,7 @@ def test_eval_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
 def test_export_refuses_a_peft_option_by_name_and_writes_nothing(setup, tmp_path, capsys, option, value):
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    folder = export.export_peft(lora.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])), tmp_path / "peft")
+    folder = export.export_peft(export.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])), tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))
     for form in ["peft", "merged"]:

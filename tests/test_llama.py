@@ -88,6 +88,38 @@ def test_logits_at_selects_positions(pair):
         torch.testing.assert_close(ours(x, logits_at=where), ours(x)[where], atol=1e-6, rtol=0)
 
 
+# ----------------------------------------------------------------------------- attention written out
+
+@pytest.mark.parametrize("heads,kv_heads,T,S", [(6, 2, 9, 9), (4, 4, 5, 5), (6, 3, 4, 10)])
+def test_written_out_attention_equals_sdpa(heads, kv_heads, T, S):
+    """llama.attention (scores, mask, softmax, weighted sum) is what SDPA computes, causal with or
+    without a cache (T < S), and with a padding mask."""
+    import torch.nn.functional as F
+    from llama import attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, T, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, S, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
+    torch.testing.assert_close(attention(q, k, v), sdpa, atol=1e-12, rtol=0)
+    padded = causal.expand(2, 1, T, S).clone()
+    padded[1, :, 2:, :2] = False  # row 1: queries from 2 on do not see the first two keys
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=padded, enable_gqa=True)
+    torch.testing.assert_close(attention(q, k, v, padded), sdpa, atol=1e-12, rtol=0)
+
+
+def test_model_on_the_written_out_attention_matches_transformers(pair, monkeypatch):
+    """The formula a reader checks line by line is the model: with attention() in place of SDPA
+    the logits are still transformers' ones."""
+    import llama
+    _, ours, hf = pair
+    monkeypatch.setattr(llama.Attention, "attend",
+                        lambda self, q, k, v, mask: llama.attention(q, k, v, mask))
+    x = tokens(ours.config.vocab_size, (2, 13), seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_sampling_filters_by_hand():

@@ -1,4 +1,5 @@
-"""lora.py: the LoraModule, putting it into a model, and merging (adapter files: test_adapter_files.py).
+"""lora.py: the LoraModule, putting it into a model, and merging.
+(Adapter files: test_adapter_files.py.)
 
 Oracles: the LoRA formula W x + alpha * B A x computed by hand, the base model's own logits (an
 adapter that adds nothing must change nothing), and parameter counts from the config by hand.
@@ -10,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from llama import Llama
-from lora import (LoraModule, add_lora, count_parameters, lora_modules, lora_parameters, lora_state_dict,
-                  merge_lora, set_alpha)
+from lora import (LoraModule, add_lora, count_parameters, lora_modules, lora_parameters,
+                  lora_state_dict, merge_lora, set_alpha)
 from tiny import LLAMA3_GQA_TIED, TOKENS, randomize_b
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -25,10 +26,20 @@ def test_lora_module_output_is_wx_plus_alpha_bax_by_hand():
     m = LoraModule(base, r=3, alpha=0.7)
     x = torch.randn(2, 4, 6, dtype=torch.float64)  # (B, T, in)
     W, b = base.weight, base.bias
-    A, B = m.lora_module[0].weight, m.lora_module[1].weight  # (r, in), (out, r)
+    A, B = m.A, m.B  # (r, in), (out, r)
     expected = x @ W.T + b + 0.7 * (x @ A.T) @ B.T  # (B, T, out)
     assert A.shape == (3, 6) and B.shape == (5, 3)
     torch.testing.assert_close(m(x), expected, rtol=0, atol=1e-12)
+
+
+def test_a_and_b_are_names_for_the_lora_module_weights():
+    """A and B are read-only names: the weights stay in lora_module, keys lora_module.0 and .1."""
+    m = LoraModule(nn.Linear(6, 5), r=3)
+    assert m.A is m.lora_module[0].weight and m.B is m.lora_module[1].weight
+    lora_keys = [k for k in m.state_dict() if not k.startswith("original_module.")]
+    assert lora_keys == ["lora_module.0.weight", "lora_module.1.weight"]
+    with pytest.raises(AttributeError):
+        m.A = torch.zeros(3, 6)  # new values go in with m.A.copy_(...)
 
 
 def test_setting_module_requires_grad_attribute_freezes_nothing():
@@ -50,8 +61,8 @@ def test_lora_module_freezes_original_parameters():
 
 def test_zero_init_makes_b_zero_and_seed_init_keeps_it_random():
     torch.manual_seed(0)
-    assert LoraModule(nn.Linear(8, 8), init="zero").lora_module[1].weight.abs().max() == 0
-    assert LoraModule(nn.Linear(8, 8), init="seed").lora_module[1].weight.abs().min() > 0
+    assert LoraModule(nn.Linear(8, 8), init="zero").B.abs().max() == 0
+    assert LoraModule(nn.Linear(8, 8), init="seed").B.abs().min() > 0
 
 
 def test_lora_weights_are_float32_on_a_bf16_base_and_bf16_input_works():
@@ -61,8 +72,8 @@ def test_lora_weights_are_float32_on_a_bf16_base_and_bf16_input_works():
     x = torch.randn(3, 16).to(torch.bfloat16)
     y = m(x)
     y.float().sum().backward()
-    assert m.lora_module[0].weight.dtype == torch.float32 and base.weight.dtype == torch.bfloat16
-    assert y.dtype == torch.bfloat16 and m.lora_module[0].weight.grad.dtype == torch.float32
+    assert m.A.dtype == torch.float32 and base.weight.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and m.A.grad.dtype == torch.float32
     oracle = x.float() @ base.weight.float().T + 0.5 * m.lora_module(x.float())
     torch.testing.assert_close(y.float(), oracle, rtol=2e-2, atol=2e-2)
 
@@ -76,7 +87,7 @@ def test_forward_under_autocast_gives_the_autocast_dtype():
 
 def test_merged_weight_is_w_plus_alpha_b_a():
     m = LoraModule(nn.Linear(6, 5, bias=False), r=2, alpha=3.0)
-    A, B = m.lora_module[0].weight, m.lora_module[1].weight
+    A, B = m.A, m.B
     torch.testing.assert_close(m.merged_weight(), m.original_module.weight + 3.0 * B @ A)
 
 
@@ -112,12 +123,12 @@ def test_lora_module_accepts_int_alpha_and_zero_and_stores_float():
 
 def test_add_lora_wraps_every_linear_lm_head_included(tied):
     names = add_lora(tied, r=4)
-    expected = [f"model.layers.{i}.{part}.{n}" for i in range(2)
-                for part, ns in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:])) for n in ns]
+    parts = (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:]))
+    expected = [f"model.layers.{i}.{part}.{n}" for i in range(2) for part, ns in parts for n in ns]
     assert names == expected + ["lm_head"]
     assert list(lora_modules(tied)) == names
-    assert not [n for n, m in tied.named_modules() if type(m) is nn.Linear and ".original_module" not in n
-                and ".lora_module" not in n]
+    assert not [n for n, m in tied.named_modules() if type(m) is nn.Linear
+                and ".original_module" not in n and ".lora_module" not in n]
 
 
 def test_zero_init_leaves_the_model_logits_unchanged(tied, base_models):
@@ -156,8 +167,10 @@ def test_set_alpha_on_a_model_without_lora_is_an_error(tied):
 
 def test_targets_wrap_only_those_layers(untied):
     names = add_lora(untied, r=2, targets=["q_proj", "v_proj"])
-    assert names == [f"model.layers.{i}.self_attn.{n}" for i in range(3) for n in ("q_proj", "v_proj")]
-    assert type(untied.model.layers[0].self_attn.k_proj) is nn.Linear and type(untied.lm_head) is nn.Linear
+    assert names == [f"model.layers.{i}.self_attn.{n}" for i in range(3)
+                     for n in ("q_proj", "v_proj")]
+    assert type(untied.model.layers[0].self_attn.k_proj) is nn.Linear
+    assert type(untied.lm_head) is nn.Linear
     assert not untied.model.layers[0].self_attn.k_proj.weight.requires_grad
 
 
@@ -165,7 +178,8 @@ def test_unknown_target_lists_the_valid_names(untied):
     with pytest.raises(ValueError) as info:
         add_lora(untied, targets=["q_proj", "qkv_proj"])
     assert "qkv_proj" in str(info.value)
-    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(info.value)
+    valid = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    assert valid in str(info.value)
     assert not lora_modules(untied)  # refused before touching the model
 
 
@@ -198,7 +212,8 @@ def test_count_parameters_by_hand(tied):
     shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (out, in) per layer
     layer = sum(o * n for o, n in shapes) + 2 * h  # + two RMSNorm weights
     base = c["vocab_size"] * h + c["num_hidden_layers"] * layer + h  # lm_head shares embed_tokens
-    lora_ = c["num_hidden_layers"] * sum(r * (o + n) for o, n in shapes) + r * (h + c["vocab_size"])
+    per_layer = sum(r * (o + n) for o, n in shapes)
+    lora_ = c["num_hidden_layers"] * per_layer + r * (h + c["vocab_size"])
     assert count_parameters(tied) == (base, base)
     add_lora(tied, r=r)
     assert count_parameters(tied) == (lora_, base + lora_)
@@ -217,7 +232,7 @@ def test_lora_state_dict_tensors_share_memory_with_the_parameters(untied):
     add_lora(untied, r=2, targets=["q_proj"])
     state = lora_state_dict(untied)
     state["model.layers.1.self_attn.q_proj.lora_module.1.weight"].fill_(0.5)
-    assert (untied.model.layers[1].self_attn.q_proj.lora_module[1].weight == 0.5).all()
+    assert (untied.model.layers[1].self_attn.q_proj.B == 0.5).all()
 
 
 # ----------------------------------------------------------------------------- merging
@@ -237,7 +252,8 @@ def test_merging_a_tied_lm_head_leaves_the_embeddings_unchanged(tied, base_model
     add_lora(tied, r=4, alpha=0.5)
     randomize_b(tied)
     merge_lora(tied)
-    assert torch.equal(tied.model.embed_tokens.weight, base_models["tied"].model.embed_tokens.weight)
+    base_embeddings = base_models["tied"].model.embed_tokens.weight
+    assert torch.equal(tied.model.embed_tokens.weight, base_embeddings)
     assert tied.lm_head.weight is not tied.model.embed_tokens.weight
     assert not torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)
     assert tied.config.tie_word_embeddings is False
@@ -245,7 +261,8 @@ def test_merging_a_tied_lm_head_leaves_the_embeddings_unchanged(tied, base_model
 
 def test_lora_on_every_linear_of_llama_3_2_1b_trains_6_7_million_parameters(llama1b_dir):
     """The real config, no weights (meta device). By hand, r = 8, (in + out) per Linear:
-    per layer q, o 2048+2048; k, v 2048+512; gate, up, down 2048+8192; 16 layers; lm_head 2048+128256."""
+    per layer q, o 2048+2048; k, v 2048+512; gate, up, down 2048+8192; 16 layers;
+    lm_head 2048+128256."""
     from llama import LlamaConfig
     with torch.device("meta"):
         model = Llama(LlamaConfig.from_dir(llama1b_dir))

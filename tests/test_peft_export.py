@@ -1,4 +1,4 @@
-"""lora.py's exports against the ecosystem's own readers, the oracles here.
+"""export.py's exports against the ecosystem's own readers, the oracles here.
 
 A tiny random Llama is trained for a few AdamW steps with our LoRA, then exported; the real `peft`
 (PeftModel over transformers' LlamaForCausalLM) and plain `transformers` must reproduce our logits.
@@ -17,9 +17,8 @@ import torch.nn.functional as F
 import transformers
 
 from llama import Llama
-from export import export_merged, export_peft
-from lora import (add_lora, import_peft, load_adapter, lora_modules,
-                  lora_parameters, save_adapter)
+from export import export_merged, export_peft, import_peft, load_adapter, save_adapter
+from lora import add_lora, lora_modules, lora_parameters
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +70,8 @@ def hf_logits(model):
 def test_peft_reads_our_export_and_gives_our_logits(trained, tmp_path):
     folder, model, ours, _ = trained
     export_peft(model, tmp_path / "peft")
-    peft_model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(folder),
-                                                tmp_path / "peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(folder)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     torch.testing.assert_close(hf_logits(peft_model), ours, rtol=0, atol=1e-4)
 
 
@@ -87,8 +86,8 @@ def test_peft_export_config_and_keys(trained, tmp_path):
     assert config["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in lora_modules(model)})
     tensors = peft.utils.load_peft_weights(str(tmp_path / "peft"))
     name = "model.layers.0.self_attn.q_proj"
-    assert torch.equal(tensors[f"base_model.model.{name}.lora_A.weight"], first.lora_module[0].weight)
-    assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], first.lora_module[1].weight)
+    assert torch.equal(tensors[f"base_model.model.{name}.lora_A.weight"], first.A)
+    assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], first.B)
     assert len(tensors) == 2 * len(lora_modules(model))
 
 
@@ -97,7 +96,8 @@ def test_peft_export_from_our_adapter_file_equals_export_from_the_model(trained,
     export_peft(model, tmp_path / "from_model")
     export_peft(adapter.parent, tmp_path / "from_file")  # train.py's --out folder, no model needed
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (tmp_path / "from_model" / name).read_bytes() == (tmp_path / "from_file" / name).read_bytes()
+        from_model = (tmp_path / "from_model" / name).read_bytes()
+        assert from_model == (tmp_path / "from_file" / name).read_bytes()
 
 
 def test_a_peft_export_imported_back_gives_our_logits(trained, tmp_path):
@@ -137,7 +137,8 @@ def test_merged_export_keeps_a_tied_lm_head_without_lora_tied(tmp_path):
     with torch.no_grad():
         ours = model(TOKENS)
     export_merged(model, tmp_path / "merged")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
 
@@ -145,9 +146,11 @@ def test_merged_export_keeps_a_tied_lm_head_without_lora_tied(tmp_path):
 def test_an_adapter_made_by_peft_gives_peft_logits_in_our_model(tmp_path):
     folder = write_tiny_model(tmp_path / "base", LLAMA3_GQA_TIED)
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",  # random B
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
-    peft_model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(folder), config).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # random B
+                             task_type="CAUSAL_LM", target_modules=targets)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder)
+    peft_model = peft.get_peft_model(hf, config).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     base = Llama.from_pretrained(folder)
     with torch.no_grad():
@@ -181,11 +184,13 @@ def test_lora_dropout_is_accepted(trained, tmp_path):
     folder, model, ours, _ = trained
     export_peft(model, tmp_path / "peft")
     config_path = tmp_path / "peft" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "lora_dropout": 0.1}))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "lora_dropout": 0.1}))
     fresh = Llama.from_pretrained(folder)
     import_peft(fresh, tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(fresh(TOKENS), ours, rtol=0, atol=1e-6)  # dropout is off at inference
+        # dropout is off at inference
+        torch.testing.assert_close(fresh(TOKENS), ours, rtol=0, atol=1e-6)
 
 
 def test_export_refuses_a_non_empty_out_dir(trained, tmp_path):
@@ -200,14 +205,15 @@ def test_export_refuses_a_non_empty_out_dir(trained, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "lora.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "lora.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("trained", ["tied_all_linear"], indirect=True)
 def test_cli_merged_export_end_to_end(trained, tmp_path):
     folder, model, ours, adapter = trained
-    result = run_cli("export", "--adapter", adapter.parent, "--format", "merged", "--out", tmp_path / "m")
+    result = run_cli("export", "--adapter", adapter.parent, "--format", "merged",
+                     "--out", tmp_path / "m")
     assert result.returncode == 0, result.stderr
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
@@ -224,7 +230,9 @@ def test_cli_peft_export_with_model_override(trained, tmp_path):
 
 
 def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
-    result = run_cli("export", "--adapter", tmp_path / "missing", "--format", "peft", "--out", tmp_path / "p")
+    result = run_cli("export", "--adapter", tmp_path / "missing", "--format", "peft",
+                     "--out", tmp_path / "p")
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"lora.py: error: {tmp_path / 'missing'}: no such adapter file or folder"]
+    message = f"lora.py: error: {tmp_path / 'missing'}: no such adapter file or folder"
+    assert result.stderr.splitlines() == [message]
     assert not (tmp_path / "p").exists()

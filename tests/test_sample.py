@@ -1,4 +1,5 @@
-"""sample.py end to end: train.py trains a tiny random Llama, sample.py writes tags with its adapter.
+"""sample.py end to end: train.py trains a tiny random Llama, sample.py writes tags with its
+adapter. Then sample.py's two generation loops, the plain one and the packed one, side by side.
 
 Oracle: greedy decoding by hand, one prompt at a time, recomputing the whole sequence for every
 new token (no KV cache, no batching, no padding): the argmax of the last position's logits. The
@@ -10,13 +11,15 @@ import shutil
 import pytest
 import torch
 
-import lora
+import export
 import sample
 from data import QuoteTokenizer, prompt_text
 from llama import Llama
-from tiny_run import PAIRS, hashes, one_torch_thread, run_script, tiny_model, train_args, write_quotes
+from tiny_run import (PAIRS, hashes, one_torch_thread, run_script, tiny_model, train_args,
+                      write_quotes)
 
-PROMPTS = [prompt_text(PAIRS[1][0]), prompt_text(PAIRS[4][0]), prompt_text("Time flies like an arrow."),
+PROMPTS = [prompt_text(PAIRS[1][0]), prompt_text(PAIRS[4][0]),
+           prompt_text("Time flies like an arrow."),
            prompt_text(PAIRS[0][0])]  # of different lengths, one never seen in training
 NEW_TOKENS = 8
 
@@ -32,7 +35,8 @@ def trained(tmp_path_factory):
     """(tiny model folder, train.py --out folder): two epochs, run as a user runs it."""
     model_dir, root = tiny_model(tmp_path_factory), tmp_path_factory.mktemp("trained")
     out = root / "out"
-    done = run_script(["train.py", *train_args(model_dir, write_quotes(root / "quotes.jsonl"), out, "--epochs", 2)])
+    quotes = write_quotes(root / "quotes.jsonl")
+    done = run_script(["train.py", *train_args(model_dir, quotes, out, "--epochs", 2)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"adapter.safetensors", "checkpoint.pt", "metrics.jsonl"} <= set(hashes(out))
     return model_dir, out
@@ -44,7 +48,7 @@ def by_hand(trained):
     model_dir, out = trained
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     base, adapted = Llama.from_pretrained(model_dir), Llama.from_pretrained(model_dir)
-    lora.load_adapter(adapted, out)
+    export.load_adapter(adapted, out)
 
     def greedy(model, prompt):
         ids, new = [tokenizer.bos_id] + tokenizer.encode(prompt), []
@@ -56,14 +60,15 @@ def by_hand(trained):
             new.append(token)
         return tokenizer.decode(new)
 
-    return {"adapter": [greedy(adapted, p) for p in PROMPTS], "base": [greedy(base, p) for p in PROMPTS]}
+    return {"adapter": [greedy(adapted, p) for p in PROMPTS],
+            "base": [greedy(base, p) for p in PROMPTS]}
 
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-new-tokens", NEW_TOKENS]
 
 
 def sample_jsonl(capsys, *argv):
-    """Run sample.main in this process; its stdout rows {"prompt", "completion"}, and its stderr."""
+    """Run sample.main in this process: its stdout rows {"prompt", "completion"}, its stderr."""
     assert sample.main([*map(str, argv), *map(str, FLAGS), "--jsonl"]) == 0
     captured = capsys.readouterr()
     return [json.loads(line) for line in captured.out.splitlines()], captured.err
@@ -80,11 +85,12 @@ def test_cli_completes_a_prompt_with_the_trained_adapter(trained, by_hand):
 def test_prompts_file_jsonl_batched_equals_one_by_one(trained, by_hand, tmp_path, capsys):
     model_dir, out = trained
     prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS[:2] + ["   "] + PROMPTS[2:]) + "\n")  # blank lines are skipped
-    batched, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--prompts-file", prompts_file)
-    assert [row["prompt"] for row in batched] == PROMPTS  # in the file's order, whatever the batching
-    one_by_one = [sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--batch-size", 1, p)[0][0]
-                  for p in PROMPTS]
+    lines = PROMPTS[:2] + ["   "] + PROMPTS[2:]  # blank lines are skipped
+    prompts_file.write_text("\n".join(lines) + "\n")
+    flags = ["--adapter", out, "--model", model_dir]
+    batched, _ = sample_jsonl(capsys, *flags, "--prompts-file", prompts_file)
+    assert [row["prompt"] for row in batched] == PROMPTS  # the file's order, whatever the batching
+    one_by_one = [sample_jsonl(capsys, *flags, "--batch-size", 1, p)[0][0] for p in PROMPTS]
     assert batched == one_by_one
     assert [row["completion"] for row in batched] == by_hand["adapter"]
 
@@ -105,10 +111,12 @@ def test_without_adapter_flag_the_adapter_in_out_is_used(trained, by_hand, tmp_p
     done = run_script([sample.__file__, *FLAGS, "--jsonl", *PROMPTS[:2]], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "using the adapter in out/" in done.stderr
-    assert [json.loads(line)["completion"] for line in done.stdout.splitlines()] == by_hand["adapter"][:2]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["completion"] for row in rows] == by_hand["adapter"][:2]
 
 
-def test_without_adapter_flag_and_out_the_base_is_sampled(trained, by_hand, tmp_path, monkeypatch, capsys):
+def test_without_adapter_flag_and_out_the_base_is_sampled(trained, by_hand, tmp_path, monkeypatch,
+                                                          capsys):
     model_dir, _ = trained
     monkeypatch.chdir(tmp_path)  # no out/ here
     rows, err = sample_jsonl(capsys, "--model", model_dir, *PROMPTS[:2])
@@ -116,10 +124,72 @@ def test_without_adapter_flag_and_out_the_base_is_sampled(trained, by_hand, tmp_
     assert [row["completion"] for row in rows] == by_hand["base"][:2]
 
 
-def test_an_adapter_of_a_base_by_another_name_warns_in_one_line(trained, by_hand, tmp_path, capsys):
-    """The same weights in another folder: the shapes fit, so it loads, with one line of warning."""
+def test_an_adapter_of_a_base_by_another_name_warns_in_one_line(trained, by_hand, tmp_path,
+                                                                capsys):
+    """The same weights in another folder: the shapes fit, so it loads, with a one-line warning."""
     model_dir, out = trained
     copy = shutil.copytree(model_dir, tmp_path / "copy")
     rows, err = sample_jsonl(capsys, "--adapter", out, "--model", copy, PROMPTS[0])
-    assert err == f"sample.py: warning: {out}: adapter was trained on {str(model_dir)!r}, loading into {str(copy)!r}\n"
+    assert err == (f"sample.py: warning: {out}: adapter was trained on {str(model_dir)!r}, "
+                   f"loading into {str(copy)!r}\n")
     assert rows[0]["completion"] == by_hand["adapter"][0]
+
+
+def test_no_kernels_writes_the_same_completions(trained, by_hand, capsys):
+    """--no-kernels: llama.py's plain formulas, without kernels.py; the same greedy tags."""
+    model_dir, out = trained
+    rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--no-kernels",
+                           *PROMPTS)
+    assert [row["completion"] for row in rows] == by_hand["adapter"]
+
+
+# ----------------------------------------------------------------------------- the two generates
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Llama.from_pretrained(tiny_model(tmp_path_factory))
+
+
+def random_prompts(lengths, vocab_size, seed=0):
+    """Token ids of prompts of the given lengths (never an eos: the test chooses those)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("pack_tokens", [512, 20])  # one packed row; several rows
+def test_packed_generate_gives_the_plain_loops_tokens(tiny, monkeypatch, pack_tokens):
+    """Oracle: generate_simple, the padded batch read in one forward. Greedy, prompts of different
+    lengths (the longest sets the padding), no eos: every row runs all its steps."""
+    monkeypatch.setattr(sample, "PACK_TOKENS", pack_tokens)
+    prompts = random_prompts([7, 1, 19, 12, 3, 19], tiny.config.vocab_size)
+    plain = sample.generate_simple(tiny, prompts, max_new_tokens=10, eos_ids=[])
+    assert [len(row) for row in plain] == [10] * len(prompts)
+    assert sample.generate(tiny, prompts, max_new_tokens=10, eos_ids=[]) == plain
+
+
+def test_both_generates_stop_at_an_eos_alike(tiny):
+    """Eos ids taken from the free output: a row stops before its first eos (which is not
+    returned); once every row has one, the loop ends before max_new_tokens. Both loops agree."""
+    prompts = random_prompts([5, 14, 9], tiny.config.vocab_size, seed=1)
+    free = sample.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=[])
+    for eos_ids in [[free[0][3]], [row[2] for row in free]]:  # row 0 stops; every row stops
+        plain = sample.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
+        assert plain == [sample.until_eos(row, eos_ids) for row in free]  # the free run, cut
+        assert sample.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids) == plain
+    calls = []
+    hook = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        sample.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
+    finally:
+        hook.remove()
+    assert len(calls) <= 3  # one prefill and at most two steps, not the 12 calls of a free run
+
+
+def test_both_generates_sample_alike_from_one_seed(tiny):
+    """Temperature, top-k and top-p: the same seed draws the same tokens from either loop."""
+    prompts = random_prompts([6, 11, 2], tiny.config.vocab_size, seed=2)
+    kwargs = dict(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.95, eos_ids=[])
+    seeds = [torch.Generator().manual_seed(3) for _ in range(2)]
+    plain = sample.generate_simple(tiny, prompts, generator=seeds[0], **kwargs)
+    packed = sample.generate(tiny, prompts, generator=seeds[1], **kwargs)
+    assert packed == plain

@@ -30,7 +30,8 @@ PLAIN_MHA_UNTIED = dict(
 )
 
 SENTENCES = [
-    "Be yourself; everyone else is already taken. | tags: attributed-no-source, be-yourself, honesty",
+    "Be yourself; everyone else is already taken. "
+    "| tags: attributed-no-source, be-yourself, honesty",
     "So many books, so little time. | tags: books, humor",
     "A room without books is like a body without a soul. | tags: books, simile, soul",
     "You only live once, but if you do it right, once is enough. | tags: humor, life, love",
@@ -39,17 +40,19 @@ SENTENCES = [
 
 
 def train_tokenizer(vocab_size):
-    """A byte-level BPE whose ids 0 and 1 are bos and eos, like a real Llama tokenizer's specials."""
+    """A byte-level BPE whose ids 0 and 1 are bos and eos, like a real Llama tokenizer."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, "<|end_of_text|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[BOS, EOS, "<|end_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(SENTENCES, trainer)
     return tokenizer
 
 
-def write_tiny_model(folder, config=LLAMA3_GQA_TIED, seed=0, max_shard_size=None, dtype=torch.float32):
+def write_tiny_model(folder, config=LLAMA3_GQA_TIED, seed=0, max_shard_size=None,
+                     dtype=torch.float32):
     """Write a random HF Llama folder; returns its Path. transformers is only needed here."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,9 +66,10 @@ def write_tiny_model(folder, config=LLAMA3_GQA_TIED, seed=0, max_shard_size=None
     return folder
 
 
-# ----------------------------------------------------------------------------- adapters on tiny models
+# ----------------------------------------------------------------------------- adapters on them
 
-TOKENS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))  # below both vocabularies
+# (2, 9) ids below both vocabularies
+TOKENS = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 def randomize_b(model, seed=0):
@@ -74,5 +78,5 @@ def randomize_b(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            B = m.lora_module[1].weight
+            B = m.B  # (out, r)
             B.copy_(torch.randn(B.shape, generator=g) * 0.1)
