@@ -1,6 +1,6 @@
 """Time the LoRA training step (and generation), ours beside transformers + PEFT on the same job.
 
-    python bench.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data quotes.jsonl --peft --json
+    python bench.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data data.jsonl --peft --json
 
 A step is what train.py does once: forward, the cross-entropy after the separator, backward, AdamW.
 With --peft the same step runs in transformers + PEFT: the same weights, LoRA targets, rank, alpha,
@@ -22,10 +22,11 @@ import time
 
 import torch
 
-import data as quotes
+import data
 import export
 import lora
-from bench_sides import TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step, validation_loss
+from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step,
+                         validation_loss)
 from common import autocast, pick_device, pick_dtype, positive, seed
 from hub import resolve_model_dir
 
@@ -37,41 +38,61 @@ def count(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="hub repo id or local HF folder")
-    p.add_argument("--data", default=quotes.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="hub repo id or local HF folder")
+    p.add_argument("--data", default=data.DEFAULT_DATASET,
+                   help="hub dataset id or local quotes JSONL file")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype: the frozen base is stored in it and autocast runs in it")
     p.add_argument("--batch-size", type=positive(int), default=8, help="quotes per step")
     p.add_argument("--steps", type=positive(int), default=20, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=count, default=2, help="untimed steps first (allocator, oneDNN kernels)")
+    p.add_argument("--warmup", type=count, default=2,
+                   help="untimed steps first (allocator, oneDNN kernels)")
     p.add_argument("--r", type=positive(int), default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=positive(float), default=0.125, help="our alpha; PEFT's lora_alpha is alpha * r")
+    p.add_argument("--alpha", type=positive(float), default=0.125,
+                   help="our alpha; PEFT's lora_alpha is alpha * r")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of Linear names to adapt")
-    p.add_argument("--max-len", type=positive(int), default=256, help="as train.py: longer quotes are cut")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma list of Linear names to adapt")
+    p.add_argument("--max-len", type=positive(int), default=256,
+                   help="as train.py: longer quotes are cut")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--peft", action="store_true", help="also run transformers + PEFT and print the ratios")
+    p.add_argument("--peft", action="store_true",
+                   help="also run transformers + PEFT and print the ratios")
     p.add_argument("--plain", action="store_true",
-                   help="also run our model without kernels.py's hand-written backward passes (the plain path)")
+                   help="also run our model without kernels.py's hand-written backward passes "
+                        "(the plain path)")
     p.add_argument("--recompute", action="store_true",
-                   help="activation checkpointing in our model (Llama.recompute): less memory, one more forward")
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers (compile time reported)")
-    p.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--val-batches", type=count, default=4, help="validation batches for the training-result check")
-    p.add_argument("--mem-batches", type=count, default=3, help="largest timed batches run again for peak memory (0: skip)")
-    p.add_argument("--gen-quotes", type=int, default=32, help="held-out quotes to write tags for (0: skip)")
+                   help="activation checkpointing in our model (Llama.recompute): less memory, "
+                        "one more forward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our decoder layers (compile time reported)")
+    p.add_argument("--threads", type=positive(int), default=None,
+                   help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--val-batches", type=count, default=4,
+                   help="validation batches for the training-result check")
+    p.add_argument("--mem-batches", type=count, default=3,
+                   help="largest timed batches run again for peak memory (0: skip)")
+    p.add_argument("--gen-quotes", type=int, default=32,
+                   help="held-out quotes to write tags for (0: skip)")
     p.add_argument("--gen-tokens", type=positive(int), default=32, help="max new tokens per quote")
-    p.add_argument("--gen-batch-size", type=positive(int), default=16, help="prompts per generate call")
+    p.add_argument("--gen-batch-size", type=positive(int), default=16,
+                   help="prompts per generate call")
     p.add_argument("--gen-ignore-eos", action="store_true",
-                   help="always write --gen-tokens tokens (a model with random weights stops at once or never)")
+                   help="always write --gen-tokens tokens "
+                        "(a model with random weights stops at once or never)")
     p.add_argument("--adapter", default=None,
-                   help="generate with this trained adapter (train.py --out; same --targets and --r) instead of "
-                        "the few steps trained here, so completions are real tags that end with eos")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
+                   help="generate with this trained adapter (train.py --out; same --targets and "
+                        "--r) instead of the few steps trained here, so completions are real tags "
+                        "that end with eos")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's top operators of each side")
     p.add_argument("--json", action="store_true", help="make the last line one JSON object")
-    p.add_argument("--memory-of", choices=["ours", "plain", "peft"], help=argparse.SUPPRESS)  # the child processes
+    # the child processes
+    p.add_argument("--memory-of", choices=["ours", "plain", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--batch-ids", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -81,7 +102,8 @@ def parse_args(argv=None):
 def linear_shapes(config):
     """(in, out) of each Linear in one decoder layer."""
     d, f = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    q, kv = (config.num_attention_heads * config.head_dim,
+             config.num_key_value_heads * config.head_dim)
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
@@ -97,7 +119,8 @@ def train_flops(config, lengths, n_supervised, r, targets):
     per_token = 0
     for name, (i, o) in linear_shapes(config).items():
         per_token += 2 * 2 * i * o + (3 * 2 * r * (i + o) if name in targets else 0)
-    pairs = sum(L * (L + 1) // 2 for L in lengths)  # (query, key) pairs a causal sample attends over
+    # (query, key) pairs a causal sample attends over
+    pairs = sum(L * (L + 1) // 2 for L in lengths)
     attention = 3 * 2 * 2 * config.num_attention_heads * config.head_dim * pairs
     d, V = config.hidden_size, config.vocab_size
     head = n_supervised * (2 * 2 * d * V + (3 * 2 * r * (d + V) if "lm_head" in targets else 0))
@@ -105,7 +128,8 @@ def train_flops(config, lengths, n_supervised, r, targets):
 
 
 def matmul_peak(device, dtype, size=2048, reps=8):
-    """Best FLOP/s of one large square matmul in the compute dtype: the ceiling MFU is taken against."""
+    """Best FLOP/s of one large square matmul in the compute dtype: the ceiling MFU is taken
+    against."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
@@ -227,12 +251,14 @@ def bench(args):
     dtype = pick_dtype(args.dtype, device)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = resolve_model_dir(args.model)
-    train_set, val_set, tokenizer, _ = quotes.load_dataset(model_dir, args.data, args.max_len, 0.1, args.seed)
-    all_batches = quotes.batches(train_set, args.batch_size, tokenizer.eos_id, seed=args.seed, epoch=0)
+    train_set, val_set, tokenizer, _ = data.load_dataset(model_dir, args.data, args.max_len, 0.1,
+                                                         args.seed)
+    all_batches = data.batches(train_set, args.batch_size, tokenizer.eos_id, seed=args.seed,
+                               epoch=0)
     train_batches = [b for _, b in zip(range(args.warmup + args.steps), all_batches)]
     if len(train_batches) < args.warmup + args.steps:
-        raise ValueError(f"{args.data}: {len(train_batches)} batches of {args.batch_size} quotes, fewer than "
-                         f"--warmup {args.warmup} + --steps {args.steps}")
+        raise ValueError(f"{args.data}: {len(train_batches)} batches of {args.batch_size} quotes, "
+                         f"fewer than --warmup {args.warmup} + --steps {args.steps}")
     if args.memory_of:
         return memory_child(args, device, dtype, train_batches)
 
@@ -242,20 +268,23 @@ def bench(args):
         sides.append(Ours(args, device, dtype, plain=True))
     if args.peft:
         sides.append(Peft(args, device, dtype, start=adapter_weights(ours.model)))
-    log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, {device} {str(dtype)[6:]}, "
-        f"LoRA r={args.r} on {','.join(args.target_list)}; sides: {', '.join(s.name for s in sides)}")
+    log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, "
+        f"{device} {str(dtype)[6:]}, LoRA r={args.r} on {','.join(args.target_list)}; "
+        f"sides: {', '.join(s.name for s in sides)}")
     result = {"model": args.model, "device": device, "dtype": str(dtype).removeprefix("torch."),
               "batch_size": args.batch_size, "steps": args.steps, "checks": {}}
     times, losses = time_training(sides, train_batches, args, device, dtype, result)
     if args.profile:
         profile(sides, [to(b, device) for b in train_batches[:3]], device, dtype)
     val_batches = [to(b, device) for _, b in zip(range(args.val_batches),
-                                                 quotes.batches(val_set, args.batch_size, tokenizer.eos_id, shuffle=False))]
+                                                 data.batches(val_set, args.batch_size,
+                                                              tokenizer.eos_id, shuffle=False))]
     for s in sides:
         result[s.name]["val_loss"] = validation_loss(s, val_batches, device, dtype)
     check_training(sides, losses, result)
 
-    largest = sorted(range(len(train_batches)), key=lambda i: -train_batches[i]["input_tokens"].numel())
+    largest = sorted(range(len(train_batches)),
+                     key=lambda i: -train_batches[i]["input_tokens"].numel())
     for s in sides:
         if args.mem_batches > 0:
             log(f"peak memory of {s.name}: a fresh process ...")
@@ -263,8 +292,10 @@ def bench(args):
 
     if args.gen_quotes > 0:
         prompts = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val_set[:args.gen_quotes]]
-        bench_generation([s for s in sides if s.name != "plain"], prompts, args, device, dtype, result)
-        log("example: " + tokenizer.decode(prompts[0]) + "|" + tokenizer.decode(result.pop("_example")))
+        bench_generation([s for s in sides if s.name != "plain"], prompts, args, device, dtype,
+                         result)
+        log("example: " + tokenizer.decode(prompts[0]) + "|"
+            + tokenizer.decode(result.pop("_example")))
 
     result["speedup"] = result["memory_ratio"] = None
     if args.peft:
@@ -276,7 +307,8 @@ def bench(args):
     else:
         result["peft"] = None
     if args.plain:
-        result["speedup_over_plain"] = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+        result["speedup_over_plain"] = (result["ours"]["tokens_per_s"]
+                                        / result["plain"]["tokens_per_s"])
     report(result, sides)
     if args.json:
         print(json.dumps(result))
@@ -297,10 +329,11 @@ def time_training(sides, train_batches, args, device, dtype, result):
             losses[s.name].append(loss)
         if i >= args.warmup:
             tokens.append(int(batch["lengths"].sum()))
-            flops.append(train_flops(config, batch["lengths"].tolist(), quotes.count_supervised(batch),
-                                     args.r, args.target_list))
+            flops.append(train_flops(config, batch["lengths"].tolist(),
+                                     data.count_supervised(batch), args.r, args.target_list))
         log(f"step {i + 1}/{len(train_batches)} T={batch['input_tokens'].shape[1]} " +
-            " ".join(f"{s.name} {times[s.name][-1] * 1000:.0f} ms loss {losses[s.name][-1]:.4f}" for s in sides))
+            " ".join(f"{s.name} {times[s.name][-1] * 1000:.0f} ms loss {losses[s.name][-1]:.4f}"
+                     for s in sides))
     peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
     result["matmul_peak_tflops"] = peak / 1e12
     result["compile_s"] = times["ours"][0] if args.compile else None  # the first step compiles
@@ -312,14 +345,18 @@ def time_training(sides, train_batches, args, device, dtype, result):
 def check_training(sides, losses, result):
     """Ours against each other side. The same weights and batch: the first loss agrees to bf16
     rounding. After that the runs drift apart step by step (rounding differs); 2% of the validation
-    loss is several times the drift seen between correct implementations, far below a wrong gradient's."""
+    loss is several times the drift seen between correct implementations, far below a wrong
+    gradient's."""
     ours = result["ours"]["val_loss"]
     for other in [s.name for s in sides[1:]]:
         theirs = result[other]["val_loss"]
-        check(f"same_first_loss_{other}", abs(losses["ours"][0] - losses[other][0]) <= 0.01 * losses[other][0],
-              f"first-batch loss ours {losses['ours'][0]:.4f}, {other} {losses[other][0]:.4f}", result["checks"])
+        check(f"same_first_loss_{other}",
+              abs(losses["ours"][0] - losses[other][0]) <= 0.01 * losses[other][0],
+              f"first-batch loss ours {losses['ours'][0]:.4f}, {other} {losses[other][0]:.4f}",
+              result["checks"])
         check(f"same_training_result_{other}", abs(ours - theirs) <= 0.02 * theirs,
-              f"validation loss after {len(losses['ours'])} steps: ours {ours:.4f}, {other} {theirs:.4f}",
+              f"validation loss after {len(losses['ours'])} steps: "
+              f"ours {ours:.4f}, {other} {theirs:.4f}",
               result["checks"])
 
 
@@ -336,8 +373,8 @@ def bench_generation(sides, prompts, args, device, dtype, result):
             if isinstance(m, LoraLayer):
                 m.scaling["default"] = alpha  # PEFT's scale, lora_alpha / r, is our alpha
     gen = time_generation(sides, prompts, args, device, dtype)
-    g = result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1], "hf_tokens_per_s": None,
-                              "speedup": None}
+    g = result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1],
+                              "hf_tokens_per_s": None, "speedup": None}
     result["_example"] = gen["ours"][2][0]
     if args.peft:
         g["hf_tokens_per_s"] = gen["peft"][0] / gen["peft"][1]
@@ -345,27 +382,33 @@ def bench_generation(sides, prompts, args, device, dtype, result):
         same = sum(a == b for a, b in zip(gen["ours"][2], gen["peft"][2]))
         g["same_completions"] = f"{same}/{len(prompts)}"
         # greedy decoding in bf16 may flip a near-tie and diverge; most rows must still agree
-        check("same_generations", same >= 0.5 * len(prompts), f"{same}/{len(prompts)} completions identical",
-              result["checks"])
+        check("same_generations", same >= 0.5 * len(prompts),
+              f"{same}/{len(prompts)} completions identical", result["checks"])
 
 
 def report(result, sides):
-    print(f"{result['model']} | {result['device']} {result['dtype']} | batch {result['batch_size']} | "
-          f"{result['steps']} timed steps | matmul peak {result['matmul_peak_tflops'] * 1000:.0f} GFLOP/s")
-    print(f"{'':6} {'tokens/s':>9} {'step ms (p25-p75)':>22} {'peak MB':>9} {'MFU':>6} {'val loss':>9}")
+    print(f"{result['model']} | {result['device']} {result['dtype']} | "
+          f"batch {result['batch_size']} | {result['steps']} timed steps | "
+          f"matmul peak {result['matmul_peak_tflops'] * 1000:.0f} GFLOP/s")
+    print(f"{'':6} {'tokens/s':>9} {'step ms (p25-p75)':>22} {'peak MB':>9} {'MFU':>6} "
+          f"{'val loss':>9}")
     for s in sides:
         r = result[s.name]
         spread = f"{r['step_ms']:.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f})"
         mem = f"{r['peak_mem_mb']:9.0f}" if "peak_mem_mb" in r else f"{'-':>9}"
-        print(f"{s.name:6} {r['tokens_per_s']:9.1f} {spread:>22} {mem} {r['mfu']:6.1%} {r['val_loss']:9.4f}")
+        print(f"{s.name:6} {r['tokens_per_s']:9.1f} {spread:>22} {mem} {r['mfu']:6.1%} "
+              f"{r['val_loss']:9.4f}")
     if result["speedup"] is not None:
-        memory = f", memory ratio {result['memory_ratio']:.2f}" if result["memory_ratio"] is not None else ""
-        print(f"speedup {result['speedup']:.2f}x (median per step {result['speedup_median_step']:.2f}x){memory}")
+        memory = (f", memory ratio {result['memory_ratio']:.2f}"
+                  if result["memory_ratio"] is not None else "")
+        print(f"speedup {result['speedup']:.2f}x "
+              f"(median per step {result['speedup_median_step']:.2f}x){memory}")
     if "speedup_over_plain" in result:
         print(f"ours over the plain path (no kernels.py): {result['speedup_over_plain']:.2f}x")
     g = result.get("generate")
     if g:
-        hf = f", transformers {g['hf_tokens_per_s']:.1f} tokens/s, speedup {g['speedup']:.2f}x" if g["speedup"] else ""
+        hf = (f", transformers {g['hf_tokens_per_s']:.1f} tokens/s, speedup {g['speedup']:.2f}x"
+              if g["speedup"] else "")
         print(f"generate: ours {g['ours_tokens_per_s']:.1f} tokens/s{hf}")
     if result["compile_s"] is not None:
         print(f"compile: first step {result['compile_s']:.1f} s")
@@ -383,7 +426,8 @@ def profile(sides, batches, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the memory runs' child processes
+    # for the memory runs' child processes
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return bench(args)
     except (ValueError, TypeError, OSError) as e:

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-import data as quotes
+import data
 import kernels
 import lora
 from common import autocast
@@ -33,24 +33,27 @@ class Ours:
         self.name, self.plain = ("plain" if plain else "ours"), plain
         self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         torch.manual_seed(args.seed)
-        lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed", targets=args.target_list)
+        lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed",
+                      targets=args.target_list)
         if not plain:  # compiled layers fuse the elementwise work their own way: no rebuilding
             kernels.use(self.model, rebuild=not args.compile)
         self.model.recompute = args.recompute and not plain
         if args.compile and not plain:
-            for layer in self.model.model.layers:  # one compiled graph serves every layer: same code
+            # one compiled graph serves every layer: same code
+            for layer in self.model.model.layers:
                 layer.compile(dynamic=True)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr,
+                                           weight_decay=0.0)
         self.merged = None
 
     def loss_sum(self, batch):
         self.merged = None  # the adapter is about to change
-        where = batch["targets"] != quotes.IGNORE_INDEX  # (B, T) after the separator
-        return self.model(batch["input_tokens"], logits_at=where, targets=batch["targets"][where])
+        return self.model(batch["input_tokens"], targets=batch["targets"])  # after the separator
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        """sample.py's path: the adapter merged into the weights (a copy, made once after training)."""
+        """sample.py's path: the adapter merged into the weights (a copy, made once after
+        training)."""
         if self.merged is None:
             self.merged = copy.deepcopy(self.model).eval()
             lora.merge_lora(self.merged)
@@ -65,14 +68,17 @@ class Peft:
     def __init__(self, args, device, dtype, start=None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
         model_dir = resolve_model_dir(args.model)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-        config = LoraConfig(r=args.r, lora_alpha=args.alpha * args.r, target_modules=args.target_list,
+        config = LoraConfig(r=args.r, lora_alpha=args.alpha * args.r,
+                            target_modules=args.target_list,
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, config)  # adapters in float32 on a bf16 base, as ours
         self.eos_ids = LlamaConfig.from_dir(model_dir).eos_token_ids
-        if start is not None:  # None in the memory run's child: the values do not change the memory
+        # None in the memory run's child: the values do not change the memory
+        if start is not None:
             copy_adapter(start, self.model)
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
@@ -80,25 +86,29 @@ class Peft:
         self.merged = None
 
     def loss_sum(self, batch):
-        where = batch["targets"] != quotes.IGNORE_INDEX
+        where = batch["targets"] != data.IGNORE_INDEX
         n = where.sum()
         self.merged = None  # the adapter is about to change
         # shift_labels: our targets are already shifted (targets[i] is the token after input[i]).
         out = self.model(input_ids=batch["input_tokens"], attention_mask=padding_mask(batch),
-                         labels=batch["targets"], shift_labels=batch["targets"], num_items_in_batch=n,
-                         use_cache=False)
+                         labels=batch["targets"], shift_labels=batch["targets"],
+                         num_items_in_batch=n, use_cache=False)
         return out.loss * n
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        """PEFT's advice for inference, as ours: merge_and_unload (on a copy, made once after training)."""
+        """PEFT's advice for inference, as ours: merge_and_unload (on a copy, made once after
+        training)."""
         if self.merged is None:
             self.merged = copy.deepcopy(self.model).merge_and_unload().eval()
         model = self.merged
-        eos_ids = None if ignore_eos else self.eos_ids  # None: no stopping, also not the config's eos
+        # None: no stopping, also not the config's eos
+        eos_ids = None if ignore_eos else self.eos_ids
         model.generation_config.eos_token_id = eos_ids
         P = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts], device=model.device)
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        ids = torch.tensor([[self.eos_ids[0]] * (P - len(p)) + p for p in prompts],
+                           device=model.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts],
+                            device=model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -108,7 +118,8 @@ class Peft:
 
 def padding_mask(batch):
     T = batch["input_tokens"].shape[1]
-    return (torch.arange(T, device=batch["lengths"].device) < batch["lengths"][:, None]).long()  # (B, T)
+    # (B, T)
+    return (torch.arange(T, device=batch["lengths"].device) < batch["lengths"][:, None]).long()
 
 
 def adapter_weights(model):
@@ -119,7 +130,8 @@ def adapter_weights(model):
 
 @torch.no_grad()
 def copy_adapter(weights, peft_model):
-    """Our A (r, in) and B (out, r) into PEFT's lora_A / lora_B: the same keys after PEFT's prefix."""
+    """Our A (r, in) and B (out, r) into PEFT's lora_A / lora_B: the same keys after PEFT's prefix.
+    """
     inner = peft_model.base_model.model
     for name, (A, B) in weights.items():
         m = inner.get_submodule(name)
@@ -138,7 +150,7 @@ def train_step(side, batch, device, dtype):
     """Forward, loss, backward, AdamW: train.py's step on one batch. Returns (loss, seconds)."""
     sync(device)
     t0 = time.perf_counter()
-    n = quotes.count_supervised(batch)
+    n = data.count_supervised(batch)
     with autocast(device, dtype):
         loss_sum = side.loss_sum(batch)
     (loss_sum / n).backward()
@@ -155,6 +167,6 @@ def validation_loss(side, batches, device, dtype):
     for batch in batches:
         with autocast(device, dtype):
             total += side.loss_sum(batch).item()
-        count += quotes.count_supervised(batch)
+        count += data.count_supervised(batch)
     side.model.train()
     return total / count

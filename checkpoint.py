@@ -7,9 +7,10 @@
     out/metrics.jsonl     one JSON object per step and per evaluation
     out/loss.png          with --plot: the curves of metrics.jsonl
 
-Every file is written whole or not at all (export.write_atomic), so a crash or a kill mid-write
-never destroys the previous checkpoint, and no run deletes another: --overwrite moves the old one
-aside. train.py's loop reaches all of this through one object, Run: where to start, what to log,
+Every file but the metrics log is written whole or not at all (export.write_atomic), so a crash
+or a kill mid-write never destroys the previous checkpoint; the log is appended a line at a time,
+and a line cut by a kill is dropped on --resume. No run deletes another: --overwrite moves the old
+one aside. train.py's loop reaches all of this through one object, Run: where to start, what to log,
 when to checkpoint, and how the run ends (--max-steps, Ctrl-C, SIGTERM).
 """
 import json
@@ -208,6 +209,13 @@ def load_checkpoint(out, raw_model, optimizer):
 
 # ----------------------------------------------------------------------------- metrics, loss.png
 
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the last line, cut short by a kill mid-append
+        return None
+
+
 class Metrics:
     """metrics.jsonl: one JSON object a line, per step and per evaluation (rank 0 only)."""
 
@@ -215,8 +223,8 @@ class Metrics:
         self.path = path
         # Resuming: forget the steps after the checkpoint; they will run again.
         if keep_until_step is not None and path.exists():
-            rows = path.read_text().splitlines()
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= keep_until_step]
+            rows = [_json_or_none(r) for r in path.read_text().splitlines()]
+            kept = [json.dumps(r) for r in rows if r and r.get("step", 0) <= keep_until_step]
             export.write_atomic(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in kept)))
 
     def log(self, **row):

@@ -1,15 +1,24 @@
-"""What the scripts share: argument types, the device and dtype, and the validation loss.
+"""What the scripts share: argument types, the device and dtype, the validation loss, and the
+model with its adapter loaded as sample.py and eval.py need it.
 
-train.py, sample.py, eval.py and bench.py import this file; none of them imports another script.
+train.py, sample.py, eval.py and bench.py import this file, so that none of them imports
+train.py; eval.py and bench.py do call sample.py's generation.
 """
 import argparse
 import math
 import re
+import sys
+import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-import data as quotes
+import data
+import export
+import kernels
+from data import QuoteTokenizer
+from llama import DEFAULT_MODEL, Llama
 
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 
@@ -90,12 +99,45 @@ def validation_loss(model, samples, batch_size, pad_id, device, dtype):
     model.eval()
     total, count = 0.0, 0
     # Grouped by length (any fixed order gives the same sum): far less padding than file order.
-    for batch in quotes.batches(samples, batch_size, pad_id, shuffle=True, seed=0):
+    for batch in data.batches(samples, batch_size, pad_id, shuffle=True, seed=0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        where = batch["targets"] != quotes.IGNORE_INDEX  # (B, T) the tags and eos
         with autocast(device, dtype):
-            loss = model(batch["input_tokens"], logits_at=where, targets=batch["targets"][where])
+            loss = model(batch["input_tokens"], targets=batch["targets"])
         total += loss.item()
-        count += quotes.count_supervised(batch)
+        count += data.count_supervised(batch)
     model.train(was_training)
     return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- model and adapter
+
+def pick_adapter(args):
+    """The adapter to load, or None. Without --adapter: train.py's default output, if there."""
+    if args.no_adapter:
+        return None
+    if args.adapter:
+        return args.adapter
+    if (Path(DEFAULT_OUT) / export.ADAPTER_FILE).is_file():
+        print(f"using the adapter in {DEFAULT_OUT}/ (train.py's default --out); "
+              "--no-adapter for the base alone", file=sys.stderr)
+        return DEFAULT_OUT
+    print("no adapter given and none in out/: sampling the base model", file=sys.stderr)
+    return None
+
+
+def load(args, device, dtype, prog):
+    """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in,
+    and kernels.py's speed layer on unless --no-kernels."""
+    adapter = pick_adapter(args)
+    meta = export.read_adapter(adapter)[1] if adapter else None
+    name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # PEFT's may name none
+    model = Llama.from_pretrained(name, dtype=dtype, device=device)
+    if adapter:
+        with warnings.catch_warnings(record=True) as caught:  # one line each, not file:line
+            warnings.simplefilter("always")
+            export.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
+        for warning in caught:
+            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
+    if not args.no_kernels:
+        kernels.use(model)
+    return model, QuoteTokenizer.from_model_dir(model.model_dir)

@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from hub import resolve_data_file
+from llama import IGNORE_INDEX  # -100: a target without loss, skipped by the loss
 
 # ----------------------------------------------------------------------------- the sample
 
@@ -102,12 +103,6 @@ def _special_id(tokenizer, token, config_id):
     return config_id
 
 
-def prompt_tokens(tokenizer: QuoteTokenizer, quote: str) -> list[int]:
-    """[bos] + the tokens of 'quote | tags:': what sample.py feeds the model, and the start of
-    every sample's input_tokens (unless its quote was cut to fit max_len)."""
-    return [tokenizer.bos_id] + tokenizer.encode(prompt_text(quote))
-
-
 def make_sample(tokenizer: QuoteTokenizer, quote: str, tags: list[str],
                 max_len: int | None = None) -> dict | None:
     """{"input_tokens", "output_tokens": n <= max_len token ids each, "sep_token_index": int},
@@ -171,7 +166,6 @@ def build_samples(tokenizer: QuoteTokenizer, pairs,
 
 # ----------------------------------------------------------------------------- splits and batches
 
-IGNORE_INDEX = -100  # the target at positions without loss; torch's cross_entropy skips it
 POOL_BATCHES = 50  # batches sorted by length together (see `batches`)
 
 

@@ -14,9 +14,9 @@ import re
 import sys
 import time
 
-import data as quotes
-from common import pick_device, pick_dtype, positive, seed, validation_loss
-from sample import complete, load
+import data
+from common import load, pick_device, pick_dtype, positive, seed, validation_loss
+from sample import complete
 
 
 def parse_args(argv=None):
@@ -28,7 +28,7 @@ def parse_args(argv=None):
                    help="train.py --out folder, adapter file or PEFT folder")
     p.add_argument("--no-adapter", action="store_true", help="score the base model alone")
     p.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
-    p.add_argument("--data", default=quotes.DEFAULT_DATASET, help="the same --data train.py used")
+    p.add_argument("--data", default=data.DEFAULT_DATASET, help="the same --data train.py used")
     p.add_argument("--n", type=positive(int), default=250,
                    help="held-out quotes to write tags for")
     p.add_argument("--seed", type=seed, default=0, help="train.py's --seed (it fixes the split)")
@@ -85,8 +85,8 @@ def tag_scores(completions, true_tags):
 def evaluate(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = load(args, device, dtype)
-    _, val, _, _ = quotes.load_dataset(model.model_dir, args.data, args.max_len,
+    model, tokenizer = load(args, device, dtype, "eval.py")
+    _, val, _, _ = data.load_dataset(model.model_dir, args.data, args.max_len,
                                        args.val_fraction, args.seed)
     if not val:
         raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "

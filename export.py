@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lora import (LoraModule, check_alpha, fingerprint, lora_modules, lora_state_dict, set_alpha,
+from lora import (LoraModule, check_alpha, lora_modules, lora_state_dict, set_alpha,
                   wrap_linears)
 
 ADAPTER_FILE = "adapter.safetensors"  # what a folder written by train.py --out holds
@@ -80,6 +80,14 @@ def check_out_dir(out_dir):
 
 
 # ----------------------------------------------------------------------------- our adapter file
+
+def fingerprint(model):
+    """The base's shape in a few numbers, to refuse an adapter trained on another model size."""
+    config = getattr(model, "config", None)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads")
+    return {k: getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)}
+
 
 def adapter_of_model(model):
     """(tensors keyed like model.layers.0.self_attn.q_proj.lora_module.0.weight, metadata)."""

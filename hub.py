@@ -1,6 +1,8 @@
 """Where models and datasets come from: a local path as it is, anything else from the Hugging
-Face hub (downloaded once into its cache). The only file that talks to the network.
+Face hub (downloaded once into its cache). The only file that talks to the network; it also
+reads a checkpoint's safetensors, single-file or sharded, with one-line errors.
 """
+import json
 from pathlib import Path
 
 import huggingface_hub
@@ -34,6 +36,30 @@ def resolve_model_dir(name_or_path):
             f"could not download {name} from the Hugging Face hub ({type(e).__name__}); if you "
             "are offline, pass a local folder holding config.json, tokenizer.json and "
             "*.safetensors, e.g. --model path/to/Llama-3.2-1B-Instruct") from None
+
+
+def read_safetensors(model_dir):
+    """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint, CPU."""
+    from safetensors import safe_open
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or "
+                                "model.safetensors.index.json")
+    state = {}
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but missing")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # safetensors has its own error type for a truncated file
+            raise ValueError(f"{path}: cannot be read, truncated or corrupt? ({e})") from None
+    return state
 
 
 def resolve_data_file(source):

@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hub import resolve_model_dir
+from hub import read_safetensors, resolve_model_dir
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+IGNORE_INDEX = -100  # a target without loss (F.cross_entropy's default ignore_index)
 
 
 # ----------------------------------------------------------------------------- config
@@ -189,24 +190,14 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, kv_heads, T, hd); return all so far, (B, kv_heads, length + T, hd)."""
         if self.k is None:  # the dtype is known only now (bf16 under autocast, else the weights')
-            self._allocate(k, k.shape[0])
+            B, H, _, D = k.shape
+            self.k = k.new_zeros(self.layers, B, H, self.max_len, D)
+            self.v = v.new_zeros(self.layers, B, H, self.max_len, D)
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def put_row(self, row, start, source, source_start, length, batch_size):
-        """Copy `length` positions of another cache's first row, from source_start on, into row
-        `row` from `start` on (sample.py's packed prefill fills a batch's cache this way)."""
-        if self.k is None:
-            self._allocate(source.k[0], batch_size)
-        src = slice(source_start, source_start + length)
-        self.k[:, row, :, start:start + length] = source.k[:, 0, :, src]
-        self.v[:, row, :, start:start + length] = source.v[:, 0, :, src]
-
-    def _allocate(self, like, batch_size):  # like: (B, kv_heads, T, hd)
-        shape = (self.layers, batch_size, like.shape[1], self.max_len, like.shape[3])
-        self.k, self.v = like.new_zeros(shape), like.new_zeros(shape)
 
 
 class Attention(nn.Module):
@@ -322,10 +313,16 @@ class Llama(nn.Module):
     def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None,
                 targets=None):
         """tokens (B, T) -> logits (B, T, vocab), or (N, vocab) at the N places where the bool
-        mask logits_at (B, T) is True. The loss needs logits only after the separator: a
-        128,256-wide vocabulary at every position would spend most of the step's memory on
-        nothing. With targets (N,), the next tokens there: the summed cross-entropy instead."""
+        mask logits_at (B, T) is True.
+
+        With targets (B, T), the next token at each position and IGNORE_INDEX where there is no
+        loss: the summed cross-entropy (nats) instead. Only the N supervised positions reach
+        lm_head: a 128,256-wide vocabulary at every position would spend most of the step's
+        memory on logits that no loss reads."""
         h = self.hidden_states(tokens, positions, cache, attn_mask)
+        if targets is not None:
+            logits_at = targets != IGNORE_INDEX
+            targets = targets[logits_at]  # (N,)
         if logits_at is not None:
             h = h[logits_at]  # (N, d)
         if targets is not None:
@@ -352,36 +349,12 @@ class Llama(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:  # assign=True broke the tie
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(config).to(device)
+        model.inv_freq = rope_inv_freq(config).to(device)  # a buffer, made on "meta" above
         model.name_or_path, model.model_dir = str(name_or_path), model_dir
         return model.eval()
 
 
 # ----------------------------------------------------------------------------- loading
-
-def read_safetensors(model_dir):
-    """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint, CPU."""
-    from safetensors import safe_open
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or "
-                                "model.safetensors.index.json")
-    state = {}
-    for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but missing")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
-        except Exception as e:  # safetensors has its own error type for a truncated file
-            raise ValueError(f"{path}: cannot be read, truncated or corrupt? ({e})") from None
-    return state
-
 
 def check_state_dict(model, state, model_dir):
     """Refuse a checkpoint unless it has exactly the model's tensors, in the model's shapes."""

@@ -179,14 +179,6 @@ def lora_state_dict(model):
             for name, m in modules.items() for i, weight in enumerate((m.A, m.B))}
 
 
-def fingerprint(model):
-    """The base's shape in a few numbers, to refuse an adapter trained on another model size."""
-    config = getattr(model, "config", None)
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads")
-    return {k: getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)}
-
-
 # ----------------------------------------------------------------------------- argument checks
 
 def check_r(r):

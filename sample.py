@@ -11,17 +11,13 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-import export
-import kernels
 import lora
-from common import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, seed
-from data import QuoteTokenizer
-from llama import DEFAULT_MODEL, KVCache, Llama
+from common import DEFAULT_OUT, autocast, load, pick_device, pick_dtype, positive, seed
+from llama import DEFAULT_MODEL, KVCache
 
 
 # ----------------------------------------------------------------------------- generation
@@ -73,11 +69,12 @@ def generate_simple(model, prompts, max_new_tokens=32, temperature=0.0, top_k=No
     mask = causal & (valid[:, None, :P] | ~valid[:, :P, None])  # (B, T=P, S=P)
     cache = KVCache(model.config, P + max_new_tokens)
     logits = model(tokens, positions[:, :P], cache, mask[:, None])[:, -1]  # (B, vocab)
-    return decode(model, logits, cache, valid, positions, eos_ids,
-                  temperature, top_k, top_p, generator)
+    return decode_steps(model, logits, cache, valid, positions, eos_ids,
+                        temperature, top_k, top_p, generator)
 
 
-def decode(model, logits, cache, valid, positions, eos_ids, temperature, top_k, top_p, generator):
+def decode_steps(model, logits, cache, valid, positions, eos_ids, temperature, top_k, top_p,
+                 generator):
     """One token a step, the prompts already in `cache` (P = cache.length columns). logits
     (B, vocab) follow each prompt; valid and positions (B, S) as left_padded() made them."""
     eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
@@ -113,10 +110,11 @@ PACK_TOKENS = 512  # generate() reads the prompts packed into rows of about this
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
              eos_ids=None, generator=None):
-    """generate_simple()'s tokens, faster: padded, every prompt costs the longest one (quotes run
-    from 15 to 250 tokens); one forward a prompt pays each layer's fixed cost per prompt. Packed
-    into rows of about PACK_TOKENS, each prompt attending to itself only, a prompt costs its own
-    tokens; its keys and values then move to its row of the batch's cache, right-aligned."""
+    """generate_simple()'s tokens, faster to read the prompts. Padded, every prompt costs as
+    much as the longest (quotes run from 15 to 250 tokens); one forward per prompt would pay every
+    layer's fixed cost once per prompt. Packed one after another into rows of about PACK_TOKENS,
+    each attending only to itself, a prompt costs its own tokens. Its keys and values then move
+    to its row of the batch's cache, right-aligned, and the batch continues as generate_simple."""
     device = model.inv_freq.device
     valid, positions = left_padded(prompts, max_new_tokens, device)  # (B, S)
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -127,8 +125,8 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top
             logits.append(_prefill_packed(model, prompts, group, cache, P, device))
             group, size = [], 0
     cache.length, logits = P, torch.cat(logits)  # (B, vocab)
-    return decode(model, logits, cache, valid, positions, eos_ids,
-                  temperature, top_k, top_p, generator)
+    return decode_steps(model, logits, cache, valid, positions, eos_ids,
+                        temperature, top_k, top_p, generator)
 
 
 def _prefill_packed(model, prompts, rows, cache, P, device):
@@ -145,8 +143,19 @@ def _prefill_packed(model, prompts, rows, cache, P, device):
     packed = KVCache(model.config, tokens.shape[1])
     logits = model(tokens, positions[None], packed, mask[None, None], logits_at=last[None])
     for i, start, length in zip(rows, starts.tolist(), lengths.tolist()):
-        cache.put_row(i, P - length, packed, start, length, len(prompts))
+        copy_into_row(cache, i, P - length, packed, start, length, len(prompts))
     return logits
+
+
+def copy_into_row(cache, row, column, packed, start, length, batch_size):
+    """Copy `length` positions of the packed cache's one row, from `start` on, into row `row` of
+    the batch's cache from `column` on. Both hold k and v as (layers, B, kv_heads, S, head_dim)."""
+    if cache.k is None:
+        layers, _, kv_heads, _, head_dim = packed.k.shape
+        shape = (layers, batch_size, kv_heads, cache.max_len, head_dim)
+        cache.k, cache.v = packed.k.new_zeros(shape), packed.v.new_zeros(shape)
+    cache.k[:, row, :, column:column + length] = packed.k[:, 0, :, start:start + length]
+    cache.v[:, row, :, column:column + length] = packed.v[:, 0, :, start:start + length]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -205,20 +214,6 @@ def read_prompts(args):
     return prompts
 
 
-def pick_adapter(args):
-    """The adapter to load, or None. Without --adapter: train.py's default output, if there."""
-    if args.no_adapter:
-        return None
-    if args.adapter:
-        return args.adapter
-    if (Path(DEFAULT_OUT) / export.ADAPTER_FILE).is_file():
-        print(f"using the adapter in {DEFAULT_OUT}/ (train.py's default --out); "
-              "--no-adapter for the base alone", file=sys.stderr)
-        return DEFAULT_OUT
-    print("no adapter given and none in out/: sampling the base model", file=sys.stderr)
-    return None
-
-
 def complete(model, tokenizer, prompts, args, device, dtype):
     """Completions of all prompts, in their order; prompts of similar length batched together."""
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
@@ -240,31 +235,13 @@ def complete(model, tokenizer, prompts, args, device, dtype):
     return completions
 
 
-def load(args, device, dtype):
-    """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in,
-    and kernels.py's speed layer on unless --no-kernels."""
-    adapter = pick_adapter(args)
-    meta = export.read_adapter(adapter)[1] if adapter else None
-    name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # PEFT's may name none
-    model = Llama.from_pretrained(name, dtype=dtype, device=device)
-    if adapter:
-        with warnings.catch_warnings(record=True) as caught:  # one line each, not file:line
-            warnings.simplefilter("always")
-            export.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
-        for warning in caught:
-            print(f"sample.py: warning: {warning.message}", file=sys.stderr)
-    if not args.no_kernels:
-        kernels.use(model)
-    return model, QuoteTokenizer.from_model_dir(model.model_dir)
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         prompts = read_prompts(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        model, tokenizer = load(args, device, dtype)
+        model, tokenizer = load(args, device, dtype, "sample.py")
         # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
         # token costs the base model's products, not two more small ones (and casts) per Linear.
         lora.merge_lora(model)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import data as quotes
+import data
 import ddp
 import kernels
 import lora
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--model", default=DEFAULT_MODEL, help="hub repo id or local HF folder of a Llama model")
-    add("--data", default=quotes.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
+    add("--data", default=data.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
     add("--out", default=DEFAULT_OUT, help="folder for adapter, checkpoint and metrics.jsonl")
     add("--r", type=positive(int), default=8, help="LoRA rank: A is (r, in), B is (out, r)")
     add("--alpha", type=positive(float), default=0.125,
@@ -50,7 +50,8 @@ def parse_args(argv=None):
     add("--recompute", action="store_true", help="activation checkpointing: keep each layer's "
         "input only, run the layer again in the backward pass")
     add("--no-kernels", action="store_true", help="train on llama.py's plain formulas, without "
-        "kernels.py's hand-written backward passes; same results, slower and more memory")
+        "kernels.py's hand-written backward passes; the same results up to rounding, slower "
+        "and with more memory")
     add("--lr", type=positive(float), default=1e-3, help="AdamW learning rate of the LoRA weights")
     add("--max-steps", type=positive(int), default=None,
         help="stop after this many optimizer steps")
@@ -88,17 +89,15 @@ def parse_args(argv=None):
 def masked_loss_sum(model, batch, loss_kind):
     """Summed cross-entropy over the supervised positions (the tags and eos after the separator).
 
-    Only those positions reach lm_head: the rest of the sequence is context, not a target, so its
-    logits would cost memory (B x T x vocab) for nothing. The quote itself is never a target, so
-    the adapters learn to write tags and leave the reading of the quote alone."""
-    where = batch["targets"] != quotes.IGNORE_INDEX  # (B, T) True after the separator
-    targets = batch["targets"][where]  # (N,)
+    batch["targets"] (B, T) is IGNORE_INDEX everywhere else: the quote is context, never a
+    target, so the adapters learn to write tags and leave the reading of the quote alone."""
     if loss_kind == "ce":
-        return model(batch["input_tokens"], logits_at=where, targets=targets)
+        return model(batch["input_tokens"], targets=batch["targets"])
     # The original recipe: sigmoid squashes every logit into (0, 1), so the softmax inside the
     # cross-entropy is nearly flat and the loss cannot fall far below log(vocab).
+    where = batch["targets"] != data.IGNORE_INDEX  # (B, T) True after the separator
     logits = torch.sigmoid(model(batch["input_tokens"], logits_at=where))  # (N, vocab)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), batch["targets"][where], reduction="sum")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -114,16 +113,16 @@ def train(args):
     ddp.barrier(world)  # every rank has read --out before rank 0 changes it
 
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen, compute dtype
-    train_set, val_set, tokenizer, info = quotes.load_dataset(
+    train_set, val_set, tokenizer, info = data.load_dataset(
         model.model_dir, args.data, args.max_len, args.val_fraction, args.seed)
     if not train_set:
         raise ValueError(f"{args.data}: no quote left to train on "
                          f"(--max-len {args.max_len} too short?)")
     torch.manual_seed(args.seed)  # the random A and B
-    targets = None
+    lora_targets = None  # the names of the Linear layers to adapt; None: every one
     if args.targets != "all":
-        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init, targets=targets)
+        lora_targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init, targets=lora_targets)
     if not args.no_kernels:
         kernels.use(model)  # hand-written backward passes: the same steps in less time and memory
     model.recompute = args.recompute  # the same arithmetic: only memory and time change
@@ -135,7 +134,7 @@ def train(args):
 
     run = checkpoint.Run(args, model, optimizer, master)  # --out, resume, metrics, stopping
     ddp.barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
-    first_epoch, skip, step = run.start()
+    first_epoch, batches_done, step = run.start()
     raw_model, model = model, ddp.wrap(model, world, local_rank, device)
 
     def val_loss():  # plain cross-entropy per tag token on the held-out quotes; rank 0 alone
@@ -154,9 +153,10 @@ def train(args):
         alpha = args.alpha * 2 ** epoch if args.alpha_schedule == "double" else args.alpha
         lora.set_alpha(raw_model, alpha)
         t0, tokens_seen = time.time(), 0
-        batches = quotes.batches(train_set, args.batch_size, pad_id, seed=args.seed, epoch=epoch)
-        for i, batch in enumerate(batches):
-            if epoch == first_epoch and i < skip:
+        epoch_batches = data.batches(train_set, args.batch_size, pad_id, seed=args.seed,
+                                     epoch=epoch)
+        for i, batch in enumerate(epoch_batches):
+            if epoch == first_epoch and i < batches_done:
                 continue  # resuming mid-epoch: the order is a function of (seed, epoch)
             loss = train_step(model, optimizer, batch, args, rank, world, device, dtype)
             step += 1
@@ -185,8 +185,9 @@ def train_step(model, optimizer, batch, args, rank, world, device, dtype):
     """One optimizer step on one global batch, skipped if the loss is not finite. Every rank sees
     the whole batch, takes its share of micro-batches (ddp.my_share), and divides by the supervised
     tokens of the whole batch: the gradient is then the same however the batch is split over
-    ranks and micro-steps."""
-    n_supervised = quotes.count_supervised(batch)
+    ranks and micro-steps. With one process the share is the whole batch, cut into --grad-accum
+    micro-batches of weight 1 (a weight 0 only pads an empty share under DDP)."""
+    n_supervised = data.count_supervised(batch)
     total = torch.zeros((), device=device)
     for micro, weight in ddp.my_share(model, batch, args.grad_accum, rank, world):
         micro = {k: v.to(device) for k, v in micro.items()}
@@ -207,7 +208,7 @@ def summary(args, model, info, device, dtype, world):
     trainable, total = lora.count_parameters(model)
     return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
             f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
-            f"{quotes.describe_skips(info['skipped'])}; {info['truncated']} cut and "
+            f"{data.describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
             f"{str(dtype).replace('torch.', '')}, {world} process(es)")
 

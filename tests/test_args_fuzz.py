@@ -43,8 +43,9 @@ class Parsed(Exception):
 
 @pytest.fixture(scope="module", autouse=True)
 def in_an_empty_folder(tmp_path_factory):
-    """Relative paths in the random argv (--out, --prompts-file) point into an empty folder; nothing
-    may be written there, since every accepted command line stops before its first write."""
+    """Relative paths in the random argv (--out, --prompts-file) point into an empty folder;
+    nothing may be written there, since every accepted command line stops before its first write.
+    """
     folder = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
     os.chdir(folder)
@@ -70,7 +71,8 @@ def stubs():
 
 
 def run(main, argv):
-    """(outcome, exit status, stdout, stderr) of main(argv); outcome is "parsed", "exit" or "return"."""
+    """(outcome, exit status, stdout, stderr) of main(argv); outcome is "parsed", "exit" or
+    "return"."""
     out, err = io.StringIO(), io.StringIO()
     outcome, code = "return", None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -93,10 +95,13 @@ def check_answer(main, prog, argv):
         assert out.startswith("usage: ") and err == ""
         return "help"
     assert code == 2, (argv, code, err)
-    if not err.startswith(f"usage: {prog}"):  # not argparse's refusal: the script's own, after parsing
-        assert outcome == "return" or prog == "lora.py", err  # lora.py refuses by parser.exit(2, message)
+    # not argparse's refusal: the script's own, after parsing
+    if not err.startswith(f"usage: {prog}"):
+        # lora.py refuses by parser.exit(2, message)
+        assert outcome == "return" or prog == "lora.py", err
         assert err.count("\n") == 1 and err.endswith("\n"), err
-    error = re.compile(rf"{re.escape(prog)}( export)?: error: ")  # a subcommand's parser says "lora.py export"
+    # a subcommand's parser says "lora.py export"
+    error = re.compile(rf"{re.escape(prog)}( export)?: error: ")
     errors = [line for line in err.splitlines() if error.match(line)]
     assert len(errors) == 1, err
     assert error.split(err, 1)[-1].strip(), err  # a message, not an empty line
@@ -104,21 +109,24 @@ def check_answer(main, prog, argv):
 
 
 def help_flags(main, prefix=()):
-    """The --flags a script's --help lists (its help text is the source of truth, not a copy here)."""
+    """The --flags a script's --help lists (its help text is the source of truth, not a copy here).
+    """
     _, code, out, _ = run(main, [*prefix, "--help"])
     assert code == 0
-    usage = out.split("\n\n")[0]  # "usage: train.py [-h] [--model MODEL] ...", before the description
+    # "usage: train.py [-h] [--model MODEL] ...", before the description
+    usage = out.split("\n\n")[0]
     return sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage)) - {"--help"})
 
 
 # ----------------------------------------------------------------------------- random argv
 
-SPECIAL = ["", " ", "0", "-0", "1", "2", "8", "0.5", "-1", "-8", "2.5", "1e30", "1e400", "-1e400", "nan",
-           "-nan", "inf", "-inf", "0x10", "1_000", "\u0663", "١٢", "18446744073709551616", "9" * 5000,
-           "abc", "all", "q_proj,v_proj", "q_proj,,", ",", "cpu", "cuda", "cuda:0", "cuda:x", "mps", "auto",
-           "float32", "bfloat16", "seed", "zero", "ce", "sigmoid-ce", "double", "constant", "peft", "merged",
-           "export", "--", "-", "-h", "--r", "=", "\n", "a\nb", "caf\udce9", "models/tiny", "org/name",
-           "/", ".", "~", "out", "quotes.jsonl", "x" * 300]
+SPECIAL = ["", " ", "0", "-0", "1", "2", "8", "0.5", "-1", "-8", "2.5", "1e30", "1e400", "-1e400",
+           "nan", "-nan", "inf", "-inf", "0x10", "1_000", "\u0663", "١٢", "18446744073709551616",
+           "9" * 5000, "abc", "all", "q_proj,v_proj", "q_proj,,", ",", "cpu", "cuda", "cuda:0",
+           "cuda:x", "mps", "auto", "float32", "bfloat16", "seed", "zero", "ce", "sigmoid-ce",
+           "double", "constant", "peft", "merged", "export", "--", "-", "-h", "--r", "=", "\n",
+           "a\nb", "caf\udce9", "models/tiny", "org/name", "/", ".", "~", "out", "quotes.jsonl",
+           "x" * 300]
 values = st.one_of(
     st.sampled_from(SPECIAL),
     st.integers(-10**30, 10**30).map(str),
@@ -128,7 +136,8 @@ values = st.one_of(
 
 
 def argvs(flags):
-    """Lists of argv words: flags with values (apart or as --flag=value), bare flags, stray words."""
+    """Lists of argv words: flags with values (apart or as --flag=value), bare flags, stray words.
+    """
     flag = st.sampled_from(flags)
     word = st.one_of(
         st.tuples(flag, values).map(list),
@@ -146,9 +155,10 @@ EXPORT_FLAGS = help_flags(export.main, ["export"])
 
 
 def test_the_flag_lists_come_from_the_help_texts():
-    assert {"--r", "--alpha", "--batch-size", "--epochs", "--targets", "--device", "--out", "--resume",
-            "--overwrite", "--seed"} <= set(TRAIN_FLAGS)
-    assert {"--max-new-tokens", "--temperature", "--top-p", "--alpha", "--seed"} <= set(SAMPLE_FLAGS)
+    assert {"--r", "--alpha", "--batch-size", "--epochs", "--targets", "--device", "--out",
+            "--resume", "--overwrite", "--seed"} <= set(TRAIN_FLAGS)
+    assert ({"--max-new-tokens", "--temperature", "--top-p", "--alpha", "--seed"}
+            <= set(SAMPLE_FLAGS))
     assert {"--adapter", "--no-adapter", "--val-fraction", "--n"} <= set(EVAL_FLAGS)
     assert set(EXPORT_FLAGS) == {"--adapter", "--format", "--out", "--model"}
 
@@ -225,7 +235,8 @@ def test_eval_answers_any_argv(argv):
 
 
 @FUZZ
-@given(argv=argvs(EXPORT_FLAGS), subcommand=st.sampled_from([["export"], ["export"], [], ["import"]]))
+@given(argv=argvs(EXPORT_FLAGS),
+       subcommand=st.sampled_from([["export"], ["export"], [], ["import"]]))
 def test_lora_export_answers_any_argv(argv, subcommand):
     check_answer(export.main, "lora.py", subcommand + argv)
 
@@ -235,10 +246,12 @@ def test_lora_export_answers_any_argv(argv, subcommand):
 # Any Python value a caller might pass (ints past float range: see the test below).
 anything = st.one_of(
     st.none(), st.booleans(), st.integers(-2**1000, 2**1000), st.floats(), st.text(max_size=6),
-    st.fractions(min_value=-10**6, max_value=10**6), st.decimals(allow_nan=True, allow_infinity=True),
+    st.fractions(min_value=-10**6, max_value=10**6),
+    st.decimals(allow_nan=True, allow_infinity=True),
     st.complex_numbers(max_magnitude=10), st.lists(st.integers(), max_size=2),
-    st.sampled_from([np.int64(4), np.float32(0.5), np.float64("nan"), np.float64("inf"), torch.tensor(1.0),
-                     torch.tensor([1, 2]), object(), b"8", "seed", "zero", lora.INITS]),
+    st.sampled_from([np.int64(4), np.float32(0.5), np.float64("nan"), np.float64("inf"),
+                     torch.tensor(1.0), torch.tensor([1, 2]), object(), b"8", "seed", "zero",
+                     lora.INITS]),
 )
 
 
@@ -265,20 +278,23 @@ def test_check_r_takes_exactly_the_positive_ints(r):
 @example(alpha=np.float64("nan"))
 def test_check_alpha_takes_exactly_the_finite_non_negative_reals(alpha):
     result = refused_with_a_message(lambda: lora.check_alpha(alpha))
-    is_real = not isinstance(alpha, (bool, np.bool_)) and isinstance(alpha, (int, float, Fraction, np.floating,
-                                                                            np.integer))
+    is_real = (not isinstance(alpha, (bool, np.bool_))
+               and isinstance(alpha, (int, float, Fraction, np.floating, np.integer)))
     if result is None:
         assert not (is_real and math.isfinite(alpha) and alpha >= 0)
     else:
-        assert type(result) is float and math.isfinite(result) and result >= 0 and result == float(alpha)
+        assert (type(result) is float and math.isfinite(result) and result >= 0
+                and result == float(alpha))
 
 
 @FUZZ
-@given(r=st.one_of(st.integers(max_value=16), anything.filter(lambda v: not (isinstance(v, int) and v > 16))),
+@given(r=st.one_of(st.integers(max_value=16),
+                   anything.filter(lambda v: not (isinstance(v, int) and v > 16))),
        alpha=anything,
        init=st.one_of(st.sampled_from(lora.INITS), anything))
 def test_lora_module_takes_any_settings_or_refuses_them(r, alpha, init):
-    module = refused_with_a_message(lambda: lora.LoraModule(nn.Linear(4, 3), r=r, alpha=alpha, init=init))
+    module = refused_with_a_message(
+        lambda: lora.LoraModule(nn.Linear(4, 3), r=r, alpha=alpha, init=init))
     if module is not None:
         assert module.r == r and module.alpha == float(alpha) and module.init == init
         assert module.A.shape == (r, 4) and module.B.shape == (3, r)

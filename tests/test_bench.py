@@ -16,7 +16,8 @@ import lora
 import sample
 from tiny import LLAMA3_GQA_TIED, SENTENCES, write_tiny_model
 
-ROWS = [{"quote": s.split(" | tags: ")[0], "tags": s.split(" | tags: ")[1].split(", ")} for s in SENTENCES[:5]]
+ROWS = [{"quote": s.split(" | tags: ")[0], "tags": s.split(" | tags: ")[1].split(", ")}
+        for s in SENTENCES[:5]]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def setup(tmp_path_factory):
 
 
 def args_for(folder, data, *extra):
-    args = bench.parse_args(["--model", str(folder), "--data", str(data), "--dtype", "float32", "--device", "cpu",
-                             "--batch-size", "4", *extra])
+    args = bench.parse_args(["--model", str(folder), "--data", str(data), "--dtype", "float32",
+                             "--device", "cpu", "--batch-size", "4", *extra])
     args.target_list = bench_sides.TARGETS
     return args
 
@@ -44,8 +45,9 @@ def first_batch(folder, data):
 
 def test_train_flops_by_hand():
     from llama import LlamaConfig
-    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16)
     r, lengths, supervised = 2, [3, 5], 4
     # (in, out) of q, k, v, o, gate, up, down: q and o are 4 heads x 16, k and v 2 heads x 16
     shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 160), (64, 160), (160, 64)]
@@ -55,7 +57,8 @@ def test_train_flops_by_hand():
     attention = 3 * 2 * 2 * (4 * 16) * pairs  # q k^T and p v, backward twice the forward
     head = supervised * 2 * 2 * 64 * 384  # lm_head only where the loss is
     expected = 2 * (8 * (frozen + adapters) + attention) + head
-    assert bench.train_flops(config, lengths, supervised, r, bench_sides.TARGETS) == expected == 3393024
+    assert (bench.train_flops(config, lengths, supervised, r, bench_sides.TARGETS)
+            == expected == 3393024)
 
 
 def test_lm_head_adapter_adds_its_flops_at_supervised_positions_only():
@@ -70,13 +73,16 @@ def test_lm_head_adapter_adds_its_flops_at_supervised_positions_only():
 # ----------------------------------------------------------------------------- the two sides agree
 
 def test_ours_and_peft_compute_the_same_loss_and_lora_gradients(setup):
-    """Same weights, same batch: the same loss and the same gradient for every A and B (float32)."""
+    """Same weights, same batch: the same loss and the same gradient for every A and B (float32).
+    """
     folder, data = setup
     args = args_for(folder, data)
     ours = bench_sides.Ours(args, "cpu", torch.float32)
-    peft = bench_sides.Peft(args, "cpu", torch.float32, start=bench_sides.adapter_weights(ours.model))
+    peft = bench_sides.Peft(args, "cpu", torch.float32,
+                            start=bench_sides.adapter_weights(ours.model))
     batch = first_batch(folder, data)
-    assert (batch["targets"] == quotes.IGNORE_INDEX).any()  # padding and quote tokens carry no loss
+    # padding and quote tokens carry no loss
+    assert (batch["targets"] == quotes.IGNORE_INDEX).any()
     losses = []
     for side in (ours, peft):
         side.optimizer.zero_grad()
@@ -87,15 +93,18 @@ def test_ours_and_peft_compute_the_same_loss_and_lora_gradients(setup):
     inner = peft.model.base_model.model
     for name, m in lora.lora_modules(ours.model).items():
         theirs = inner.get_submodule(name)
-        torch.testing.assert_close(m.A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(m.B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.A.grad, theirs.lora_A["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.B.grad, theirs.lora_B["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_plain_path_gives_the_same_loss_and_gradients(setup):
     """kernels.py's hand-written backward passes against autograd differentiating the formulas."""
     folder, data = setup
     batch = first_batch(folder, data)
-    sides = [bench_sides.Ours(args_for(folder, data), "cpu", torch.float32, plain=plain) for plain in (False, True)]
+    sides = [bench_sides.Ours(args_for(folder, data), "cpu", torch.float32, plain=plain)
+             for plain in (False, True)]
     for side in sides:
         side.model.train()
         side.loss_sum(batch).backward()
@@ -108,11 +117,13 @@ def test_both_sides_generate_the_same_greedy_tags(setup):
     folder, data = setup
     args = args_for(folder, data)
     ours = bench_sides.Ours(args, "cpu", torch.float32)
-    peft = bench_sides.Peft(args, "cpu", torch.float32, start=bench_sides.adapter_weights(ours.model))
+    peft = bench_sides.Peft(args, "cpu", torch.float32,
+                            start=bench_sides.adapter_weights(ours.model))
     prompts = [[0, 5, 9, 14], [0, 7, 3, 3, 12, 40, 41]]  # different lengths: padding on HF's side
     assert ours.generate(prompts, 6) == peft.generate(prompts, 6)
     no_stop = ours.generate(prompts, 6, ignore_eos=True)
-    assert no_stop == peft.generate(prompts, 6, ignore_eos=True) and [len(n) for n in no_stop] == [6, 6]
+    assert (no_stop == peft.generate(prompts, 6, ignore_eos=True)
+            and [len(n) for n in no_stop] == [6, 6])
 
 
 def test_padding_mask_and_until_eos():
@@ -131,18 +142,22 @@ def test_quantile_interpolates():
 
 def test_json_line_has_the_issue_keys_and_the_checks_pass(setup, capsys):
     folder, data = setup
-    code = bench.main(["--model", str(folder), "--data", str(data), "--dtype", "float32", "--device", "cpu",
-                       "--batch-size", "4", "--steps", "2", "--warmup", "1", "--val-batches", "1",
-                       "--mem-batches", "1", "--gen-quotes", "4", "--gen-tokens", "3", "--peft", "--json"])
+    code = bench.main(["--model", str(folder), "--data", str(data), "--dtype", "float32",
+                       "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                       "--val-batches", "1", "--mem-batches", "1", "--gen-quotes", "4",
+                       "--gen-tokens", "3", "--peft", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0, result["checks"]
-    assert {"model", "device", "dtype", "batch_size", "ours", "peft", "speedup", "memory_ratio", "generate"} <= set(result)
+    assert {"model", "device", "dtype", "batch_size", "ours", "peft", "speedup", "memory_ratio",
+            "generate"} <= set(result)
     for side in ("ours", "peft"):
         assert {"tokens_per_s", "step_ms", "peak_mem_mb", "mfu"} <= set(result[side])
         assert result[side]["peak_mem_mb"] > 0 and 0 < result[side]["mfu"] < 1
     assert set(result["generate"]) >= {"ours_tokens_per_s", "hf_tokens_per_s", "speedup"}
-    assert result["speedup"] == pytest.approx(result["ours"]["tokens_per_s"] / result["peft"]["tokens_per_s"])
-    assert result["memory_ratio"] == pytest.approx(result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"])
+    assert result["speedup"] == pytest.approx(
+        result["ours"]["tokens_per_s"] / result["peft"]["tokens_per_s"])
+    assert result["memory_ratio"] == pytest.approx(
+        result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"])
     assert all(check["ok"] for check in result["checks"].values())
 
 
@@ -152,7 +167,8 @@ def test_recompute_gives_the_same_loss_and_gradients(setup):
     batch = first_batch(folder, data)
     grads = []
     for recompute in (False, True):
-        side = bench_sides.Ours(args_for(folder, data, *(["--recompute"] if recompute else [])), "cpu", torch.float32)
+        side = bench_sides.Ours(args_for(folder, data, *(["--recompute"] if recompute else [])),
+                                "cpu", torch.float32)
         assert side.model.recompute == recompute
         side.loss_sum(batch).backward()
         grads.append([p.grad for p in lora.lora_parameters(side.model)])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import export
 import lora
 import sample
@@ -21,8 +22,8 @@ import train
 from data import prompt_text
 from llama import Llama
 from tiny import PLAIN_MHA_UNTIED, write_tiny_model
-from tiny_run import (PAIRS, hashes, metrics, one_torch_thread, popen_script, run_script, tiny_model, train_args,
-                      write_quotes)
+from tiny_run import (PAIRS, hashes, metrics, one_torch_thread, popen_script, run_script,
+                      tiny_model, train_args, write_quotes)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,12 +35,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(tiny model folder, quotes file)."""
-    return tiny_model(tmp_path_factory), write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl")
+    return (tiny_model(tmp_path_factory),
+            write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl"))
 
 
 @pytest.fixture(scope="module")
 def stopped_run(setup, tmp_path_factory):
-    """An --out folder stopped by --max-steps at step 2 of 5: checkpoint.pt, adapter, metrics, run.json."""
+    """An --out folder stopped by --max-steps at step 2 of 5: checkpoint.pt, adapter, metrics,
+    run.json."""
     out = tmp_path_factory.mktemp("stopped") / "out"
     assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
     return out
@@ -76,7 +79,8 @@ BAD_FLAGS = {
     "alpha_zero": (["--alpha", "0"], "argument --alpha: '0' must be a positive float"),
     "alpha_negative": (["--alpha", "-1"], "argument --alpha: '-1' must be a positive float"),
     "alpha_nan": (["--alpha", "nan"], "argument --alpha: 'nan' must be a positive float"),
-    "batch_size_zero": (["--batch-size", "0"], "argument --batch-size: '0' must be a positive int"),
+    "batch_size_zero": (["--batch-size", "0"],
+                        "argument --batch-size: '0' must be a positive int"),
     "epochs_zero": (["--epochs", "0"], "argument --epochs: '0' must be a positive int"),
 }
 
@@ -90,25 +94,30 @@ def test_bad_flag_values_are_refused(setup, tmp_path, capsys, flags, message):
 
 
 def test_unknown_target_is_refused_listing_the_valid_names(setup, tmp_path, capsys):
-    code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--targets", "q_proj,qkv_proj"))
+    code, err = main_of(train, capsys,
+                        train_args(*setup, tmp_path / "out", "--targets", "q_proj,qkv_proj"))
     assert code == 2
-    assert last_line(err) == ("train.py: error: unknown targets ['qkv_proj']; this model's Linear layers are named: "
-                              "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
-    assert not (tmp_path / "out").exists()  # refused after loading the model, before writing anything
+    assert last_line(err) == ("train.py: error: unknown targets ['qkv_proj']; "
+                              "this model's Linear layers are named: down_proj, gate_proj, "
+                              "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    # refused after loading the model, before writing anything
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_refused(setup, tmp_path, capsys):
     code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--device", "cuda"))
     assert code == 2
-    assert last_line(err) == "train.py: error: --device cuda: CUDA is not available on this machine (try --device cpu)"
+    assert last_line(err) == ("train.py: error: --device cuda: "
+                              "CUDA is not available on this machine (try --device cpu)")
     assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- train.py: files
 
 def bad_inputs(tmp_path, model_dir, quotes):
-    """{case: (--model, --data, expected message)}: files that are missing or not what they claim."""
+    """{case: (--model, --data, expected message)}: files that are missing or not what they claim.
+    """
     bad_line = tmp_path / "bad_line.jsonl"
     bad_line.write_text(quotes.read_text().splitlines()[0] + "\n\n{\"quote\": \"x\", tags: []}\n")
     array = tmp_path / "array.json"
@@ -116,19 +125,25 @@ def bad_inputs(tmp_path, model_dir, quotes):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     return {
-        "data_missing": (model_dir, tmp_path / "missing.jsonl", f"{tmp_path / 'missing.jsonl'}: no such file"),
-        "data_line_not_json": (model_dir, bad_line, f"{bad_line}:3: not valid JSON (Expecting property name "
-                                                    "enclosed in double quotes at column 16)"),
-        "data_json_array": (model_dir, array, f"{array}: is a JSON array; expected JSONL (one JSON object per line)"),
-        "model_missing": (tmp_path / "nowhere", quotes, f"model folder {tmp_path / 'nowhere'} does not exist "
-                                                        "(nor is it a hub id like org/name)"),
-        "model_without_config": (no_config, quotes, f"{no_config / 'config.json'}: not found; a model folder "
-                                                    "needs config.json"),
+        "data_missing": (model_dir, tmp_path / "missing.jsonl",
+                         f"{tmp_path / 'missing.jsonl'}: no such file"),
+        "data_line_not_json": (model_dir, bad_line,
+                               f"{bad_line}:3: not valid JSON (Expecting property name "
+                               "enclosed in double quotes at column 16)"),
+        "data_json_array": (model_dir, array,
+                            f"{array}: is a JSON array; "
+                            "expected JSONL (one JSON object per line)"),
+        "model_missing": (tmp_path / "nowhere", quotes,
+                          f"model folder {tmp_path / 'nowhere'} does not exist "
+                          "(nor is it a hub id like org/name)"),
+        "model_without_config": (no_config, quotes,
+                                 f"{no_config / 'config.json'}: not found; a model folder "
+                                 "needs config.json"),
     }
 
 
-@pytest.mark.parametrize("case", ["data_missing", "data_line_not_json", "data_json_array", "model_missing",
-                                  "model_without_config"])
+@pytest.mark.parametrize("case", ["data_missing", "data_line_not_json", "data_json_array",
+                                  "model_missing", "model_without_config"])
 def test_bad_data_and_model_files_are_refused(setup, tmp_path, capsys, case):
     model, data, message = bad_inputs(tmp_path, *setup)[case]
     code, err = main_of(train, capsys, train_args(model, data, tmp_path / "out"))
@@ -138,7 +153,8 @@ def test_bad_data_and_model_files_are_refused(setup, tmp_path, capsys, case):
 
 
 def test_the_real_command_prints_one_line(setup, tmp_path):
-    done = run_script(["train.py", *train_args(setup[0], tmp_path / "missing.jsonl", tmp_path / "out")])
+    done = run_script(["train.py", *train_args(setup[0], tmp_path / "missing.jsonl",
+                                               tmp_path / "out")])
     assert done.returncode == 2
     assert done.stderr == f"train.py: error: {tmp_path / 'missing.jsonl'}: no such file\n"
     assert not (tmp_path / "out").exists()
@@ -150,8 +166,9 @@ def test_out_holding_a_run_is_refused(setup, run_copy, capsys):
     out, before = run_copy
     code, err = main_of(train, capsys, train_args(*setup, out))
     assert code == 2
-    assert last_line(err) == (f"train.py: error: --out {out} already holds a run; pass --resume to continue it, "
-                              "--overwrite to start over (the old one is kept aside), or another --out")
+    assert last_line(err) == (f"train.py: error: --out {out} already holds a run; "
+                              "pass --resume to continue it, --overwrite to start over "
+                              "(the old one is kept aside), or another --out")
     assert hashes(out) == before
 
 
@@ -165,19 +182,21 @@ def test_overwrite_moves_the_old_run_aside(setup, run_copy, capsys):
 
 
 @pytest.mark.parametrize("flag, old, new", [("--lr", 0.001, 0.01), ("--max-len", 64, 32)])
-def test_resume_with_other_settings_is_refused_naming_the_flag(setup, run_copy, capsys, flag, old, new):
+def test_resume_with_other_settings_is_refused_naming_the_flag(
+        setup, run_copy, capsys, flag, old, new):
     out, before = run_copy
     code, err = main_of(train, capsys, train_args(*setup, out, "--resume", flag, new))
     assert code == 2
-    assert last_line(err) == f"train.py: error: --resume: {out} holds a run with other settings: {flag} {old} -> {new}"
+    assert last_line(err) == (f"train.py: error: --resume: {out} holds a run with other settings: "
+                              f"{flag} {old} -> {new}")
     assert hashes(out) == before
 
 
 def test_resume_without_checkpoint_is_refused(setup, tmp_path, capsys):
     code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--resume"))
     assert code == 2
-    assert last_line(err) == (f"train.py: error: --resume: {tmp_path / 'out' / 'checkpoint.pt'} does not exist, "
-                              "nothing to resume")
+    assert last_line(err) == (f"train.py: error: --resume: {tmp_path / 'out' / 'checkpoint.pt'} "
+                              "does not exist, nothing to resume")
     assert not (tmp_path / "out").exists()
 
 
@@ -192,8 +211,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, ca
     before = hashes(out)
     code, err = main_of(train, capsys, args + ["--resume"])
     assert code == 1
-    assert re.fullmatch(rf"train.py: error: loss became (nan|inf) at step 2; stopped, the checkpoint of step 1 in "
-                        rf"{re.escape(str(out))} is kept \(try a lower --lr or --alpha\)", last_line(err))
+    assert re.fullmatch(rf"train.py: error: loss became (nan|inf) at step 2; stopped, "
+                        rf"the checkpoint of step 1 in {re.escape(str(out))} is kept "
+                        rf"\(try a lower --lr or --alpha\)", last_line(err))
     assert hashes(out) == before
 
 
@@ -201,20 +221,23 @@ def test_non_finite_loss_before_any_checkpoint_says_so(setup, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = main_of(train, capsys, train_args(*setup, out, "--lr", 1e30))
     assert code == 1
-    assert re.fullmatch(r"train.py: error: loss became (nan|inf) at step 2; stopped, no checkpoint yet "
-                        r"\(try a lower --lr or --alpha\)", last_line(err))
+    assert re.fullmatch(r"train.py: error: loss became (nan|inf) at step 2; stopped, "
+                        r"no checkpoint yet \(try a lower --lr or --alpha\)", last_line(err))
     assert set(hashes(out)) == {"run.json", "metrics.jsonl"}
 
 
 OUT_OF_MEMORY = {
     "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
-                        "you tried to allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)"),
+    "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                        "DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 140737488355328 bytes. "
+                        "Error code 12 (Cannot allocate memory)"),
 }
 
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY.values(), ids=OUT_OF_MEMORY.keys())
-def test_out_of_memory_names_the_batch_size_and_a_smaller_one(setup, run_copy, capsys, monkeypatch, error):
+def test_out_of_memory_names_the_batch_size_and_a_smaller_one(
+        setup, run_copy, capsys, monkeypatch, error):
     out, before = run_copy
 
     def forward_out_of_memory(*args):
@@ -223,7 +246,8 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(setup, run_copy, c
     monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
     code, err = main_of(train, capsys, train_args(*setup, out, "--resume"))
     assert code == 1
-    assert last_line(err) == "train.py: error: out of memory at --batch-size 4; try --batch-size 2 or --grad-accum 2"
+    assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
+                              "try --batch-size 2 or --grad-accum 2")
     assert hashes(out) == before
 
 
@@ -234,7 +258,8 @@ def test_ctrl_c_while_loading_the_model_prints_no_traceback(setup, tmp_path, cap
     monkeypatch.setattr(train.Llama, "from_pretrained", interrupted)
     code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out"))
     assert code == 130
-    assert last_line(err) == "train.py: interrupted before training started; nothing was written to --out"
+    assert last_line(err) == ("train.py: interrupted before training started; "
+                              "nothing was written to --out")
     assert not (tmp_path / "out").exists()
 
 
@@ -244,16 +269,19 @@ def test_a_signal_checkpoints_and_exits_128_plus_its_number(setup, tmp_path, sig
     proc = popen_script(["train.py", *train_args(*setup, out, "--epochs", 1000)])
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        if (out / "metrics.jsonl").is_file() and '"kind": "step"' in (out / "metrics.jsonl").read_text():
+        if ((out / "metrics.jsonl").is_file()
+                and '"kind": "step"' in (out / "metrics.jsonl").read_text()):
             break  # the first step is done
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig
     step = metrics(out, "step")[-1]["step"]
-    assert last_line(err) == f"stopped by {sig.name} at step {step}; checkpoint saved in {out}, continue with --resume"
+    assert last_line(err) == (f"stopped by {sig.name} at step {step}; checkpoint saved in {out}, "
+                              "continue with --resume")
     assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == step
-    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors", "checkpoint.pt"}
+    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors",
+                                "checkpoint.pt"}
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -263,7 +291,8 @@ def adapter_file(setup, tmp_path_factory):
     """An adapter of the tiny model (r=4), as train.py would save it."""
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    return export.save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors", str(setup[0]))
+    return export.save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
+                               str(setup[0]))
 
 
 def sample_error(capsys, *argv):
@@ -274,24 +303,28 @@ def sample_error(capsys, *argv):
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_sample_refuses_an_empty_prompt(setup, capsys, prompt):
-    assert sample_error(capsys, "--model", setup[0], "--no-adapter", prompt) == "sample.py: error: prompt 1 is empty"
+    assert (sample_error(capsys, "--model", setup[0], "--no-adapter", prompt)
+            == "sample.py: error: prompt 1 is empty")
 
 
 def test_sample_refuses_a_prompt_longer_than_the_context(setup, capsys):
     long_prompt = prompt_text("love " * 600)  # the tiny model's context is 512 positions
     message = sample_error(capsys, "--model", setup[0], "--no-adapter", PAIRS[0][0], long_prompt)
-    assert re.fullmatch(r"sample.py: error: prompt 2 is \d+ tokens; with --max-new-tokens 32 it passes the "
-                        r"model's context of 512", message)
+    assert re.fullmatch(r"sample.py: error: prompt 2 is \d+ tokens; with --max-new-tokens 32 "
+                        r"it passes the model's context of 512", message)
 
 
 def test_sample_refuses_zero_new_tokens(setup, capsys):
-    assert sample_error(capsys, "--model", setup[0], "--no-adapter", "--max-new-tokens", "0", PAIRS[0][0]) == (
-        "sample.py: error: argument --max-new-tokens: '0' must be a positive int")
+    assert (sample_error(capsys, "--model", setup[0], "--no-adapter", "--max-new-tokens", "0",
+                         PAIRS[0][0])
+            == "sample.py: error: argument --max-new-tokens: '0' must be a positive int")
 
 
 def test_sample_refuses_a_missing_adapter(setup, tmp_path, capsys):
-    message = sample_error(capsys, "--model", setup[0], "--adapter", tmp_path / "nope.safetensors", PAIRS[0][0])
-    assert message == f"sample.py: error: {tmp_path / 'nope.safetensors'}: no such adapter file or folder"
+    message = sample_error(capsys, "--model", setup[0], "--adapter", tmp_path / "nope.safetensors",
+                           PAIRS[0][0])
+    assert message == (f"sample.py: error: {tmp_path / 'nope.safetensors'}: "
+                       "no such adapter file or folder")
 
 
 def test_sample_refuses_an_adapter_of_another_base(setup, tmp_path, capsys):
@@ -304,14 +337,17 @@ def test_sample_refuses_an_adapter_of_another_base(setup, tmp_path, capsys):
                        "this model has hidden_size=64")
 
 
-def test_sample_refuses_an_adapter_whose_tensors_are_not_of_its_rank(setup, adapter_file, tmp_path, capsys):
+def test_sample_refuses_an_adapter_whose_tensors_are_not_of_its_rank(
+        setup, adapter_file, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file
     with safe_open(adapter_file, "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, tmp_path / "r8.safetensors", metadata={**meta, "r": "8"})
-    message = sample_error(capsys, "--model", setup[0], "--adapter", tmp_path / "r8.safetensors", PAIRS[0][0])
-    assert re.fullmatch(rf"sample.py: error: {re.escape(str(tmp_path / 'r8.safetensors'))}: tensor \S+ \(\d+, \d+\) "
+    message = sample_error(capsys, "--model", setup[0], "--adapter", tmp_path / "r8.safetensors",
+                           PAIRS[0][0])
+    assert re.fullmatch(rf"sample.py: error: {re.escape(str(tmp_path / 'r8.safetensors'))}: "
+                        rf"tensor \S+ \(\d+, \d+\) "
                         r"is not a LoRA A or B of rank r=8", message)
 
 
@@ -320,14 +356,15 @@ def test_sample_refuses_a_peft_dora_adapter_by_name(setup, adapter_file, tmp_pat
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     message = sample_error(capsys, "--model", setup[0], "--adapter", folder, PAIRS[0][0])
-    assert message == f"sample.py: error: {folder}: PEFT option use_dora=True is not supported (plain LoRA only)"
+    assert message == (f"sample.py: error: {folder}: PEFT option use_dora=True is not supported "
+                       "(plain LoRA only)")
 
 
 def test_sample_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample.Llama, "from_pretrained", interrupted)
+    monkeypatch.setattr(common.Llama, "from_pretrained", interrupted)
     code, err = main_of(sample, capsys, ["--model", setup[0], "--no-adapter", PAIRS[0][0]])
     assert code == 130
     assert last_line(err) == "sample.py: interrupted"

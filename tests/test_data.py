@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import data
 import hub
 from data import (QuoteTokenizer, batches, build_samples, describe_skips, load_dataset, make_sample,
-                  prompt_text, prompt_tokens, read_quotes, sample_text)
+                  prompt_text, read_quotes, sample_text)
 from tests.tiny import train_tokenizer
 
 LLAMA_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # the Instruct model's
@@ -263,8 +263,8 @@ def test_outputs_from_the_separator_on_are_exactly_the_tags_and_eos(tokenizer):
 def test_inputs_up_to_the_separator_are_bos_and_the_prompt(tokenizer):
     sample = make_sample(tokenizer, "“Be yourself.”", ["love"])
     sep = sample["sep_token_index"]
-    assert sample["input_tokens"][:sep + 1] == prompt_tokens(tokenizer, "“Be yourself.”")  # what sample.py feeds
-    assert prompt_tokens(tokenizer, "“Be yourself.”") == [tokenizer.bos_id] + tokenizer.encode("“Be yourself.” | tags:")
+    fed_by_sample_py = [tokenizer.bos_id] + tokenizer.encode("“Be yourself.” | tags:")
+    assert sample["input_tokens"][:sep + 1] == fed_by_sample_py
     assert tokenizer.decode(sample["input_tokens"][:sep + 1]).endswith(" | tags:")
 
 

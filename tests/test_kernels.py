@@ -208,14 +208,13 @@ def test_float64_model_with_kernels_gives_the_plain_loss_and_lora_gradients():
     plain = tiny_lora_model(torch.float64)
     fast = kernels.use(copy.deepcopy(plain))
     tokens = some_tokens()
-    where = torch.zeros(3, 11, dtype=torch.bool)
-    where[:, 5:10] = True  # the loss at positions 5 to 9: their next tokens, 6 to 10
-    targets = tokens[:, 6:11].reshape(-1)
+    targets = torch.full_like(tokens, llama.IGNORE_INDEX)
+    targets[:, 5:10] = tokens[:, 6:11]  # the loss at positions 5 to 9: their next tokens
     losses, grads = [], []
     for model in (plain, fast):
         for p in lora.lora_parameters(model):
             p.grad = None
-        loss = model(tokens, logits_at=where, targets=targets)
+        loss = model(tokens, targets=targets)
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad for p in lora.lora_parameters(model)])
@@ -266,3 +265,17 @@ def test_rebuilt_outputs_are_not_kept_alive_by_the_graph():
         loss.backward()
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_linear_cross_entropy_backward_passes_gradcheck(lora_head):
+    """Finite differences in float64 for h, and for A and B when lm_head carries LoRA; chunks of
+    3 rows, the last one short."""
+    weight = frozen_linear(16, 50, torch.float64).weight
+    A, B = (rand(3, 16, seed=8), rand(50, 3, seed=9)) if lora_head else (None, None)
+    targets = some_targets(10, 50)
+
+    def loss(h, *AB):
+        A, B = AB or (None, None)
+        return kernels.LinearCrossEntropyFunction.apply(h, weight, A, B, 0.75, targets, 3)
+    assert torch.autograd.gradcheck(loss, (rand(10, 16), *([A, B] if lora_head else [])))

@@ -380,3 +380,13 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_checkpoint(setup, tm
     assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors",
                                 "checkpoint.pt"}
 
+
+
+def test_resume_drops_a_metrics_line_cut_by_a_kill(tmp_path):
+    """metrics.jsonl is appended, not replaced: a kill mid-append leaves half a line, which
+    --resume drops with the steps after the checkpoint instead of failing on it."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "step", "step": s, "loss": 1.0} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "step", "st')
+    checkpoint.Metrics(path, keep_until_step=2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
