@@ -37,9 +37,20 @@ def count(text):
     return int(text)
 
 
+class ShowDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help laid out as the docstring is, with each flag's default after its help (a flag that
+    takes no value, or has no default, shows none)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        no_default = action.default in (None, argparse.SUPPRESS) or action.default is False
+        if no_default or "%(default)" in help:
+            return help
+        return help + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ShowDefaults)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="hub repo id or local HF folder")
     p.add_argument("--data", default=data.DEFAULT_DATASET,
@@ -59,7 +70,8 @@ def parse_args(argv=None):
                    help="comma list of Linear names to adapt")
     p.add_argument("--max-len", type=positive(int), default=256,
                    help="as train.py: longer quotes are cut")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seeds LoRA init, the split and the batches")
     p.add_argument("--peft", action="store_true",
                    help="also run transformers + PEFT and print the ratios")
     p.add_argument("--plain", action="store_true",

@@ -10,9 +10,13 @@
 Every file but the metrics log is written whole or not at all (export.write_atomic), so a crash
 or a kill mid-write never destroys the previous checkpoint; the log is appended a line at a time,
 and a line cut by a kill is dropped on --resume. No run deletes another: --overwrite moves the old
-one aside. train.py's loop reaches all of this through one object, Run: where to start, what to log,
-when to checkpoint, and how the run ends (--max-steps, Ctrl-C, SIGTERM).
+one aside. train.py's loop reaches all of this through one object, Run: where to start, what to
+log, when to checkpoint, and how the run ends (--max-steps, Ctrl-C, SIGTERM).
+
+    python checkpoint.py plot out    loss.png for a run, finished or not
 """
+import argparse
+import importlib.util
 import json
 import math
 import random
@@ -25,6 +29,7 @@ import torch
 
 import export
 import lora
+from common import DEFAULT_OUT
 
 CHECKPOINT = "checkpoint.pt"  # all that resuming needs; the adapter alone is export.ADAPTER_FILE
 # Flags that define a run: --resume refuses an --out folder whose run differs in any of them.
@@ -61,6 +66,8 @@ class Run:
         self.stop = StopRequest()
         self.signal = None  # the signal that ended the run, if one did
         self.saved = None  # the step of the checkpoint in --out
+        self.saved_epoch = None  # ... and the epoch it goes on with (--epochs: the run is done)
+        self.max_steps_reached = False
         self.metrics = None  # rank 0's metrics.jsonl, from start() on
         if master:
             prepare_out(args)
@@ -73,6 +80,10 @@ class Run:
         if self.args.resume:
             position = load_checkpoint(self.out, self.raw_model, self.optimizer)
             self.saved = position["step"]
+            if self.master:
+                print(f"resuming the run in {self.out} after step {position['step']} "
+                      f"(epoch {position['epoch'] + 1}, batch {position['batches_done'] + 1})",
+                      file=sys.stderr)
         if self.master:
             self.metrics = Metrics(self.out / "metrics.jsonl", keep_until_step=self.saved)
         return position["epoch"], position["batches_done"], position["step"]
@@ -97,6 +108,7 @@ class Run:
         ddp.stop_signal). A signal in the step that reaches --max-steps ends nothing early: the
         run is finished, not stopped."""
         done = bool(self.args.max_steps and step >= self.args.max_steps)
+        self.max_steps_reached = done
         self.signal = None if done else sig
         return done or sig is not None
 
@@ -109,7 +121,7 @@ class Run:
         """Log rank 0's validation loss, and checkpoint at the start of the next epoch."""
         if self.master:
             self.log(kind="eval", step=step, epoch=epoch + 1, alpha=alpha, val_loss=val_loss)
-            print(f"\nepoch {epoch + 1}: validation loss {val_loss:.4f} (alpha {alpha})",
+            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} (alpha {alpha})",
                   file=sys.stderr)
         self.save(epoch + 1, 0, step, alpha)
 
@@ -117,18 +129,29 @@ class Run:
         if self.master:
             position = {"epoch": epoch, "batches_done": batches_done, "step": step, "alpha": alpha}
             save_checkpoint(self.out, self.raw_model, self.optimizer, position, self.args.model)
-        self.saved = step
+        self.saved, self.saved_epoch = step, epoch
 
     def finish(self, step):
-        """The exit status: 0, or 128 + the signal that stopped the run (after its checkpoint)."""
+        """The exit status: 0, or 128 + the signal that stopped the run (after its checkpoint).
+        Rank 0 says where the adapter is, and how to go on if the run ended early."""
         if self.signal:
             if self.master:
                 name = signal.Signals(self.signal).name
-                print(f"\nstopped by {name} at step {step}; checkpoint saved in {self.out}, "
+                print(f"stopped by {name} at step {step}; checkpoint saved in {self.out}, "
                       "continue with --resume", file=sys.stderr)
             return 128 + self.signal
-        if self.master and self.args.plot:
-            plot(self.out)
+        if not self.master:
+            return 0
+        adapter = self.out / export.ADAPTER_FILE
+        if self.max_steps_reached and self.saved_epoch < self.args.epochs:  # mid-run
+            print(f"reached --max-steps {self.args.max_steps} at step {step} (epoch "
+                  f"{self.saved_epoch + 1}/{self.args.epochs}): adapter saved in {adapter}; "
+                  "--resume with a larger --max-steps, or none, goes on", file=sys.stderr)
+        else:
+            print(f"done: {self.args.epochs} epoch(s), {step} steps; adapter saved in {adapter}",
+                  file=sys.stderr)
+        if self.args.plot:
+            print(f"wrote {plot(self.out)}", file=sys.stderr)
         return 0
 
 
@@ -156,6 +179,25 @@ def check_out(args):
         raise FileExistsError(f"--out {out} already holds a run; pass --resume to continue it, "
                               "--overwrite to start over (the old one is kept aside), "
                               "or another --out")
+
+
+def already_done(args):
+    """With --resume: one line saying that the run in --out already reached its last epoch or
+    --max-steps, so there is nothing to do; None when there is training left (or no --resume).
+    Only reads, so every rank answers alike, before the model is loaded."""
+    if not args.resume:
+        return None
+    # mmap: only the two numbers are read, not the adapter and AdamW moments
+    ckpt = torch.load(Path(args.out) / CHECKPOINT, map_location="cpu", weights_only=False,
+                      mmap=True)
+    if ckpt["epoch"] >= args.epochs:
+        end = f"its last epoch (--epochs {args.epochs})"
+    elif args.max_steps and ckpt["step"] >= args.max_steps:
+        end = f"--max-steps {args.max_steps}"
+    else:
+        return None
+    return (f"{args.out} is at step {ckpt['step']}, already past {end}: nothing left "
+            "to do, no file changed (a larger --epochs or --max-steps trains on)")
 
 
 def prepare_out(args):
@@ -232,22 +274,24 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
 
+def can_plot():
+    """matplotlib is optional: --plot and `checkpoint.py plot` ask for it before any work."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(out):
-    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps."""
+    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps.
+    Returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     out = Path(out)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib); skipped loss.png",
-              file=sys.stderr)
-        return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     evals = [r for r in rows if r["kind"] == "eval"]
     at = [r["step"] for r in steps]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(at, [r["loss"] for r in steps], lw=0.6, alpha=0.6, label="train loss")
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
             label="validation loss")
@@ -256,14 +300,32 @@ def plot(out):
     ax2 = ax.twinx()
     ax2.step(at, [r["alpha"] for r in steps], "k--", lw=1, where="post", label="alpha")
     ax2.set_ylabel("alpha")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
+    # Below the axes: anywhere inside them the legend would hide a stretch of some curve.
+    fig.legend(loc="outside lower center", ncols=3)
     fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)  # pyplot would keep every figure alive
+    return out / "loss.png"
 
 
-if __name__ == "__main__":  # python checkpoint.py plot OUT: loss.png for a run, finished or not
-    argv = sys.argv[1:]
-    if len(argv) != 2 or argv[0] != "plot" or not (Path(argv[1]) / "metrics.jsonl").is_file():
-        sys.exit("usage: python checkpoint.py plot OUT   "
-                 "(OUT: a train.py --out folder with metrics.jsonl)")
-    plot(argv[1])
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="checkpoint.py", description="Tools for train.py's runs.")
+    commands = p.add_subparsers(dest="command", required=True)
+    plot_it = commands.add_parser("plot", help="draw loss.png for a run, finished or not",
+                                  description="Draw OUT/loss.png from OUT/metrics.jsonl: train "
+                                  "and validation loss, and alpha, over the steps.")
+    plot_it.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
+                         help="a train.py --out folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        p.exit(2, f"checkpoint.py plot: error: {out}: no such folder (a train.py --out)\n")
+    if not (out / "metrics.jsonl").is_file():
+        p.exit(2, f"checkpoint.py plot: error: {out / 'metrics.jsonl'}: no such file; is {out} "
+               "a train.py --out folder?\n")
+    if not can_plot():
+        p.exit(2, "checkpoint.py plot: error: needs matplotlib: pip install matplotlib\n")
+    print(f"wrote {plot(out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,18 @@ DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapte
 
 # ----------------------------------------------------------------------------- argument types
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the docstring as written, and each flag's default after its help. A help that
+    already names its default (a None that means "the adapter's") is left as it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def positive(kind):
     """An argparse type: a positive int or a finite positive float, with a one-line error."""
     name = {int: "an integer", float: "a number"}[kind]

@@ -52,6 +52,20 @@ def close():
         dist.destroy_process_group()
 
 
+def exit(code):
+    """sys.exit(code), but under torchrun os._exit once the output is flushed. DDP keeps the
+    process group alive past destroy_process_group (its reducer holds it), so gloo's threads
+    still run while the interpreter and C++ tear the process down around them; on some machines
+    one exit in four then aborts (SIGABRT, "terminate called without an active exception") and
+    torchrun fails a run that went well. Every file is written and closed by then: skipping that
+    teardown loses nothing."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 # ----------------------------------------------------------------------------- a rank's share
 
 def micro_batches(batch, pieces):

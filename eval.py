@@ -4,36 +4,54 @@ F1 of greedy sample.py completions against the true tags.
     python eval.py --adapter out               # the adapter train.py wrote
     python eval.py --no-adapter --model M      # the base model, for the "before" row
 
-The held-out quotes are train.py's validation split (same --data, --seed, --val-fraction,
---max-len), so the adapter never saw them.
+The held-out quotes are train.py's validation split, so the adapter never saw them. With a
+train.py --out folder, its run.json gives --data, --seed, --val-fraction and --max-len; otherwise
+(--no-adapter, a PEFT folder) pass the ones train.py used.
 """
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import data
-from common import load, pick_device, pick_dtype, positive, seed, validation_loss
-from sample import complete
+import export
+import lora
+from common import (HelpFormatter, load, pick_device, pick_dtype, positive, seed,
+                    validation_loss)
+from sample import complete_ids
+
+# The flags that fix train.py's split, with train.py's defaults.
+SPLIT_FLAGS = {"data": data.DEFAULT_DATASET, "seed": 0, "val_fraction": 0.1, "max_len": 256}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,  # prog: also from tests
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
+    run = " (default: the run's, from run.json in --adapter; else %s)"
     p.add_argument("--model", default=None,
                    help="hub id or HF folder (default: the adapter's base model)")
     p.add_argument("--adapter", default=None,
-                   help="train.py --out folder, adapter file or PEFT folder")
+                   help="train.py --out folder, adapter file or PEFT folder "
+                   "(default: none; pass it or --no-adapter)")
     p.add_argument("--no-adapter", action="store_true", help="score the base model alone")
-    p.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
-    p.add_argument("--data", default=data.DEFAULT_DATASET, help="the same --data train.py used")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="override the adapter's alpha (default: the adapter's)")
+    p.add_argument("--data", default=None,
+                   help="the --data train.py used" + run % data.DEFAULT_DATASET)
     p.add_argument("--n", type=positive(int), default=250,
                    help="held-out quotes to write tags for")
-    p.add_argument("--seed", type=seed, default=0, help="train.py's --seed (it fixes the split)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="train.py's --val-fraction")
-    p.add_argument("--max-len", type=positive(int), default=256, help="train.py's --max-len")
+    p.add_argument("--seed", type=seed, default=None,
+                   help="train.py's --seed, it fixes the split" + run % 0)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="train.py's --val-fraction" + run % 0.1)
+    p.add_argument("--max-len", type=positive(int), default=None,
+                   help="train.py's --max-len" + run % 256)
+    p.add_argument("--allow-other-split", action="store_true",
+                   help="score another split than the run's, warned: it may hold training quotes")
     p.add_argument("--max-new-tokens", type=positive(int), default=32,
                    help="tokens generated per quote")
     p.add_argument("--batch-size", type=positive(int), default=16,
@@ -49,12 +67,82 @@ def parse_args(argv=None):
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
+    try:
+        use_the_runs_split(args)
+    except ValueError as e:
+        p.error(str(e))
     if not 0 < args.val_fraction < 1:  # 0 would leave no quote to score
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     args.temperature, args.top_k, args.top_p = 0.0, None, None  # greedy, as sample.py's default
     return args
+
+
+def run_settings(adapter):
+    """(path, settings) of the run.json train.py wrote beside the adapter, or (None, {}): an
+    adapter from elsewhere (a PEFT folder, a file of its own) carries no split."""
+    if not adapter:
+        return None, {}
+    folder = Path(adapter)
+    if folder.name == export.ADAPTER_FILE:  # out/adapter.safetensors: out/ holds the run
+        folder = folder.parent
+    path = folder / "run.json"
+    if not os.path.isfile(path):  # False, not an error, for a name the OS refuses
+        return None, {}
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: expected a JSON object of train.py's settings")
+    return path, run
+
+
+def same(name, mine, theirs):
+    if name == "data" and os.path.isfile(mine) and os.path.isfile(theirs):
+        return os.path.samefile(mine, theirs)  # one file, named two ways
+    return mine == theirs
+
+
+def use_the_runs_split(args):
+    """Fill --data, --seed, --val-fraction, --max-len (and --model) the user left out with the
+    run's own, else train.py's defaults. Another split than the run's would score quotes the
+    adapter trained on, as if held out: a flag that differs is refused, or with
+    --allow-other-split warned about."""
+    path, run = run_settings(args.adapter)
+    given = {k: getattr(args, k) for k in SPLIT_FLAGS if getattr(args, k) is not None}
+    changed = [f"--{k.replace('_', '-')} {v} (the run's: {run[k]})" for k, v in given.items()
+               if run.get(k) is not None and not same(k, v, run[k])]
+    if changed and not args.allow_other_split:
+        raise ValueError(f"{', '.join(changed)}: another split than {path} records would score "
+                         "training quotes (leave the flag out, or pass --allow-other-split)")
+    if changed:
+        print(f"eval.py: warning: {', '.join(changed)}: another split than {path} records; "
+              "some scored quotes may be training quotes", file=sys.stderr)
+    for name, default in SPLIT_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default if run.get(name) is None else run[name])
+    if args.model is None and isinstance(run.get("model"), str):
+        args.model = run["model"]
+    args.run_json = path  # evaluate() names it once the quotes are read
+
+
+def say_which_split(args):
+    split = (f"--data {args.data} --seed {args.seed} --val-fraction {args.val_fraction} "
+             f"--max-len {args.max_len}")
+    if args.run_json:
+        print(f"eval.py: the split of {args.run_json}: {split}", file=sys.stderr)
+    elif args.adapter:
+        print(f"eval.py: note: no run.json beside {args.adapter}; scoring the split of {split}, "
+              "which must be the one train.py used", file=sys.stderr)
+
+
+def prompt_ids(sample):
+    """The prompt as training read it: bos, the quote cut to --max-len, ' | tags:'. The same ids,
+    not their text encoded again: a cut inside a UTF-8 character decodes to U+FFFD, which
+    encodes to other tokens."""
+    return sample["input_tokens"][:sample["sep_token_index"] + 1]
 
 
 def parse_tags(completion):
@@ -91,14 +179,14 @@ def evaluate(args):
     if not val:
         raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
                          f"{args.val_fraction} of the usable quotes rounds to none)")
+    say_which_split(args)
     t0 = time.time()
+    alphas = {m.alpha for m in lora.lora_modules(model).values()}  # one, as load_adapter set it
     loss = validation_loss(model, val, args.batch_size, tokenizer.eos_id, device, dtype)
-    result = {"val_loss": loss}
+    result = {"alpha": alphas.pop() if alphas else None, "val_loss": loss}
     held_out = val[:args.n]
-    # The prompt as the model saw it in training: 'quote | tags:', the quote cut to --max-len.
-    prompts = [tokenizer.decode(s["input_tokens"][1:s["sep_token_index"] + 1])
-               for s in held_out]
-    completions = complete(model, tokenizer, prompts, args, device, dtype)
+    completions = complete_ids(model, tokenizer, [prompt_ids(s) for s in held_out], args, device,
+                               dtype)
     result.update(tag_scores(completions, [s["tags"] for s in held_out]), n=len(held_out),
                   seconds=round(time.time() - t0, 1))
     for s, c in list(zip(held_out, completions))[:args.show]:
@@ -117,7 +205,7 @@ def main(argv=None):
         print("eval.py: interrupted", file=sys.stderr)
         return 130
     adapter = None if args.no_adapter else args.adapter
-    print(json.dumps({"adapter": adapter, "alpha": args.alpha, **result}))
+    print(json.dumps({"adapter": adapter, **result}))
     return 0
 
 

@@ -9,7 +9,8 @@ The formats:
     PEFT    Hugging Face's adapter library: a folder with adapter_config.json and
             adapter_model.safetensors, keys `base_model.model.<module>.lora_A.weight` (r, in) and
             `.lora_B.weight` (out, r). PEFT scales by lora_alpha / r: our alpha is lora_alpha / r.
-            Read by load_adapter (given the folder), written by export_peft.
+            On lm_head it also saves the base's own head (`...lm_head.base_layer.weight`), checked
+            against the model's. Read by load_adapter (given the folder), written by export_peft.
     merged  a plain Hugging Face model folder with alpha * B @ A folded into W: any Llama loader
             (transformers, vLLM, llama.cpp's converter) runs it without knowing about LoRA.
 
@@ -131,7 +132,7 @@ def _read_ours(path):
     try:
         meta = dict(r=int(raw["r"]), alpha=float(raw["alpha"]), init=raw["init"],
                     base_model=raw["base_model"], targets=raw["targets"].split(","),
-                    base_config=json.loads(raw["base_config"]))
+                    base_config=json.loads(raw["base_config"]), base_weights={})
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: damaged adapter metadata ({type(e).__name__}: {e})") from None
     return tensors, meta
@@ -170,6 +171,15 @@ def _check_fits(model, tensors, meta):
         if k in base and base[k] != v:
             raise ValueError(f"adapter was trained on a base with {k}={v}, "
                              f"this model has {k}={base[k]}")
+    if meta["base_weights"]:  # state_dict() holds a tied head twice, under both names
+        own = {k.replace(".original_module.", "."): t for k, t in model.state_dict().items()}
+    for key, saved in meta["base_weights"].items():
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if name not in own:
+            raise ValueError(f"adapter holds {key}, a weight this model does not have")
+        if not _same_numbers(own[name], saved):
+            raise ValueError(f"adapter holds {key}, which differs from this model's {name}: "
+                             "the adapter was made on another base")
     names = list(dict.fromkeys(k.rsplit(".lora_module.", 1)[0] for k in tensors))
     existing = lora_modules(model)
     if existing:
@@ -202,6 +212,14 @@ def _check_fits(model, tensors, meta):
     return names
 
 
+def _same_numbers(own, saved):
+    """Equal in the coarser of the two dtypes: a float32 copy of a bfloat16 base is that base."""
+    if own.shape != saved.shape or not (own.is_floating_point() and saved.is_floating_point()):
+        return False
+    dtype = max(own.dtype, saved.dtype, key=lambda d: torch.finfo(d).eps)
+    return torch.equal(own.to(dtype), saved.to(own.device, dtype))
+
+
 def load_adapter(model, path, alpha=None, expected_base=None):
     """Put an adapter (ours or PEFT's) into the model, adding LoRA modules if it has none yet.
     alpha overrides the saved one. Returns the adapter's metadata."""
@@ -214,6 +232,7 @@ def load_adapter(model, path, alpha=None, expected_base=None):
         warnings.warn(f"{path}: adapter was trained on {meta['base_model']!r}, "
                       f"loading into {expected_base!r}")
     names = _check_fits(model, tensors, meta)
+    del meta["base_weights"]  # only checked: a copy of the vocabulary matrix, not to keep
     if not lora_modules(model):
         wrap_linears(model, names, meta["r"], meta["alpha"], meta["init"])
     with torch.no_grad():
@@ -227,36 +246,77 @@ def load_adapter(model, path, alpha=None, expected_base=None):
 # ----------------------------------------------------------------------------- the PEFT format
 
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-# PEFT options that change the arithmetic, with the value under which it is plain LoRA.
+# Every option of adapter_config.json (the fields of peft 0.21's LoraConfig and PeftConfig) is in
+# one of three tables; tests/test_peft_export.py fails when peft has a field none of them names.
+# 1. Read: what the adapter means (init_lora_weights is checked against PEFT_PLAIN_INITS).
+PEFT_READ = {"peft_type", "r", "lora_alpha", "init_lora_weights", "base_model_name_or_path"}
+# 2. Harmless here: bookkeeping; which modules to wrap (the saved tensors name them); settings
+#    only read for training or together with an option that is itself checked.
+PEFT_HARMLESS = {"task_type", "auto_mapping", "peft_version", "revision", "inference_mode",
+                 "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                 "lora_dropout",  # off at inference
+                 "runtime_config",  # never saved
+                 "megatron_core",  # used only with megatron_config
+                 "qalora_group_size",  # used only with use_qalora
+                 # used only with init_lora_weights of the same name:
+                 "eva_config", "corda_config", "loftq_config", "lora_ga_config"}
+# 3. Options that change the arithmetic, with the value under which it is plain LoRA.
 PEFT_PLAIN = dict(use_dora=False, use_rslora=False, bias="none", lora_bias=False,
-                  fan_in_fan_out=False, layers_to_transform=None, layers_pattern=None,
-                  rank_pattern={}, alpha_pattern={}, modules_to_save=None,
+                  fan_in_fan_out=False, rank_pattern={}, alpha_pattern={}, modules_to_save=None,
                   layer_replication=None, trainable_token_indices=None, target_parameters=None,
-                  use_qalora=False, alora_invocation_tokens=None,
+                  use_qalora=False, alora_invocation_tokens=None, megatron_config=None,
+                  velora_config=None, monteclora_config=None, use_bdlora=None,
+                  arrow_config=None, kasa_config=None,
                   # True would move an lm_head adapter onto embed_tokens too:
                   ensure_weight_tying=False)
+# init_lora_weights values that only chose how A and B started (EVA from activations, MiCA from
+# W's SVD): the saved A and B replace them. pissa, pissa_niter_N, olora, corda, lora_ga and loftq
+# also rewrote W into a residual: their A and B mean something only on that rewritten base.
+PEFT_PLAIN_INITS = [True, False, "gaussian", "orthogonal", "eva", "mica"]
+PEFT_REWRITES_BASE = re.compile(r"pissa(_niter_\d+)?|olora|corda|lora_ga|loftq")
 
 
-def _read_peft(folder):
-    config = json.loads((folder / "adapter_config.json").read_text())
+def _check_peft_config(folder, config):
+    """Refuse, naming the option, an adapter_config.json that is not plain LoRA."""
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported, "
                          "only 'LORA'")
+    init = config.get("init_lora_weights", True)
+    if init not in PEFT_PLAIN_INITS:
+        rewrote = isinstance(init, str) and PEFT_REWRITES_BASE.fullmatch(init)
+        why = "PEFT rewrote the base's weights for it; " if rewrote else ""
+        raise ValueError(f"{folder}: PEFT option init_lora_weights={init!r} is not supported "
+                         f"({why}plain LoRA only)")
     for option, plain in PEFT_PLAIN.items():
         value = config.get(option, plain)
         if not (value == plain or value is None or value is False or value in ([], {})):
             raise ValueError(f"{folder}: PEFT option {option}={value!r} is not supported "
                              "(plain LoRA only)")
+    known = PEFT_READ | PEFT_HARMLESS | set(PEFT_PLAIN)
+    for option, value in config.items():  # a newer peft's option may change the arithmetic
+        if option not in known and value not in (None, False, [], {}):
+            raise ValueError(f"{folder}: PEFT option {option}={value!r} is unknown to lora.py "
+                             "(plain LoRA only)")
+
+
+def _read_peft(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    _check_peft_config(folder, config)
     file = folder / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found "
                                 "(only safetensors PEFT adapters are supported)")
-    tensors = {}
+    tensors, base_weights = {}, {}
     for key, t in load_file(file).items():
         match = PEFT_KEY.fullmatch(key)
-        if not match:
+        if match:
+            tensors[f"{match[1]}.lora_module.{'AB'.index(match[2])}.weight"] = t
+        elif key.startswith("base_model.model.") and ".lora_" not in key:
+            # PEFT saves the base's own lm_head (or a resized embedding) beside its LoRA:
+            # _check_fits makes sure it is the model's.
+            base_weights[key] = t
+        else:
             raise ValueError(f"{file}: tensor {key} is not a LoRA A or B of a Linear layer")
-        tensors[f"{match[1]}.lora_module.{'AB'.index(match[2])}.weight"] = t
     r, lora_alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or not isinstance(lora_alpha, (int, float)):
         raise ValueError(f"{folder}: adapter_config.json lacks an int r or a number lora_alpha")
@@ -264,7 +324,8 @@ def _read_peft(folder):
     # replace it.
     meta = dict(r=r, alpha=lora_alpha / r, init="zero", base_config={},
                 base_model=config.get("base_model_name_or_path") or "",
-                targets=sorted({k.split(".lora_module.")[0].rsplit(".", 1)[-1] for k in tensors}))
+                targets=sorted({k.split(".lora_module.")[0].rsplit(".", 1)[-1] for k in tensors}),
+                base_weights=base_weights)
     return tensors, meta
 
 
@@ -352,8 +413,8 @@ def main(argv=None):
                              "into the weights")
     export.add_argument("--out", required=True,
                         help="folder to create (must not exist or be empty)")
-    export.add_argument("--model", help="base model (hub id or local folder); default: the one "
-                        "the adapter records. For peft it only sets base_model_name_or_path")
+    export.add_argument("--model", help="base model, hub id or local folder (default: the one "
+                        "the adapter records); for peft it only sets base_model_name_or_path")
     args = parser.parse_args(argv)
     try:
         check_out_dir(args.out)  # before loading a 1B model, not after

@@ -10,6 +10,7 @@ backward passes (`kernels.use(model)`); this file never needs it.
 """
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,9 +341,17 @@ class Llama(nn.Module):
         present, none extra, every shape right (ValueError naming the first misfits)."""
         model_dir = resolve_model_dir(name_or_path)
         config = LlamaConfig.from_dir(model_dir)
+        state = read_safetensors(model_dir)
+        head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if config.tie_word_embeddings and head is not None and embed is not None:
+            # A tool that fine-tuned the head may save it and leave config.json's tie: transformers
+            # then keeps the stored head, untied; dropping it would change every logit.
+            if not torch.equal(head, embed):
+                config.tie_word_embeddings = False
+                print(f"{model_dir}: lm_head.weight differs from embed_tokens.weight although "
+                      "config.json ties them: untied, using the stored head", file=sys.stderr)
         with torch.device("meta"):  # no memory for random weights that are overwritten at once
             model = cls(config)
-        state = read_safetensors(model_dir)
         check_state_dict(model, state, model_dir)
         names = model.state_dict().keys()
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in names}
@@ -359,7 +368,7 @@ class Llama(nn.Module):
 def check_state_dict(model, state, model_dir):
     """Refuse a checkpoint unless it has exactly the model's tensors, in the model's shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:  # tied: stored once, as embed_tokens
+    if model.config.tie_word_embeddings:  # stored as embed_tokens (an lm_head too is equal)
         expected.pop("lm_head.weight")
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     shapes = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"

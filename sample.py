@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 import lora
-from common import DEFAULT_OUT, autocast, load, pick_device, pick_dtype, positive, seed
+from common import (DEFAULT_OUT, HelpFormatter, autocast, load, pick_device, pick_dtype, positive,
+                    seed)
+from data import SEPARATOR
 from llama import DEFAULT_MODEL, KVCache
 
 
@@ -26,17 +28,26 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     """logits (B, vocab) -> next tokens (B,). Temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
+    logits = filter_logits(logits, temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def filter_logits(logits, temperature, top_k=None, top_p=None):
+    """logits (B, vocab) / temperature, -inf on the tokens top-k and top-p leave out: the rules of
+    transformers' Temperature-, TopK- and TopPLogitsWarper, in that order, boundaries included."""
     logits = logits.float() / temperature
-    if top_k:
+    if top_k:  # every token tied with the k-th stays
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # the mass ahead of each token: the first always stays
-        sorted_logits = sorted_logits.masked_fill(before > top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        # The smallest set of likeliest tokens whose mass reaches top_p: from the least likely
+        # up, a token goes while it and all below it hold at most 1 - top_p. Four equal tokens,
+        # top_p 0.5: two go, since the two left already hold 0.5. The likeliest always stays.
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 def left_padded(prompts, max_new_tokens, device):
@@ -162,10 +173,11 @@ def copy_into_row(cache, row, column, packed, start, length, batch_size):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__,  # prog: under torchrun too
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add = p.add_argument
-    add("prompts", nargs="*", help='prompts such as "<quote> | tags:"')
-    add("--prompts-file", help="file with one prompt a line")
+    add("prompts", nargs="*", help='prompts such as "<quote> | tags:" (" | tags:" is added '
+        "where missing)")
+    add("--prompts-file", help="file with one prompt a line (default: none)")
     add("--jsonl", action="store_true", help='print {"prompt", "completion"} a line, for scripts')
     add("--model", default=None,
         help=f"hub id or HF folder (default: the adapter's base, else {DEFAULT_MODEL})")
@@ -173,12 +185,14 @@ def parse_args(argv=None):
         f"(default: {DEFAULT_OUT}/ if present)")
     add("--no-adapter", action="store_true", help="the base model alone")
     add("--alpha", type=float, default=None,
-        help="override the adapter's alpha (try 4 or 16 to watch the 'concussion')")
+        help="override the adapter's alpha (try 4 or 16 to watch the 'concussion'; "
+        "default: the adapter's)")
     add("--max-new-tokens", type=positive(int), default=32, help="upper bound on generated tokens")
     add("--temperature", type=float, default=0.0, help="0 = greedy")
-    add("--top-k", type=positive(int), default=None, help="sample among the k likeliest tokens")
+    add("--top-k", type=positive(int), default=None,
+        help="sample among the k likeliest tokens (default: all)")
     add("--top-p", type=float, default=None,
-        help="sample within the smallest set of probability >= p")
+        help="sample within the smallest set of probability >= p (default: 1, all)")
     add("--seed", type=seed, default=0, help="seed of the sampler")
     add("--batch-size", type=positive(int), default=16, help="prompts generated together")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -214,9 +228,30 @@ def read_prompts(args):
     return prompts
 
 
+def shape_prompts(prompts):
+    """Each prompt in the shape of the training text, 'quote | tags:'. Without the separator the
+    model has no cue to write tags; a space after it is a token training never put there (each
+    tag token carries its own leading space), and it changes what the model writes."""
+    shaped = [p.rstrip() for p in prompts]
+    lacking = [i for i, p in enumerate(shaped) if SEPARATOR not in p]
+    for i in lacking:
+        shaped[i] += SEPARATOR
+    if lacking:
+        which = f"prompt {lacking[0] + 1}" if len(lacking) == 1 else f"{len(lacking)} prompts"
+        print(f'sample.py: note: added "{SEPARATOR}" to {which}: the adapter learned to write '
+              f'tags after "<quote>{SEPARATOR}"', file=sys.stderr)
+    return shaped
+
+
 def complete(model, tokenizer, prompts, args, device, dtype):
-    """Completions of all prompts, in their order; prompts of similar length batched together."""
+    """Completions of all prompts (texts), in their order."""
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    return complete_ids(model, tokenizer, ids, args, device, dtype)
+
+
+def complete_ids(model, tokenizer, ids, args, device, dtype):
+    """complete() of prompts given as token ids, bos first (eval.py: the ids training read).
+    Prompts of similar length are batched together."""
     context = model.config.max_position_embeddings
     for i, p in enumerate(ids):
         if len(p) + args.max_new_tokens > context:
@@ -242,6 +277,7 @@ def main(argv=None):
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         model, tokenizer = load(args, device, dtype, "sample.py")
+        prompts = shape_prompts(prompts)  # its note after load's lines, and only if it loaded
         # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
         # token costs the base model's products, not two more small ones (and casts) per Linear.
         lora.merge_lora(model)

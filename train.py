@@ -7,9 +7,9 @@ and B start random, alpha starts small (0.125) and doubles after every epoch, an
 cross-entropy of the predictions after the separator only. Multi-GPU: `torchrun --nproc_per_node N
 train.py ...` (DDP, see ddp.py; rank 0 logs and writes).
 
-Exit status: 0 done (or --max-steps reached), 1 training failed (loss not finite, out of memory),
-2 bad input (flags, files, --out), 128 + signal when stopped by Ctrl-C (130) or SIGTERM (143) after
-writing a checkpoint. Plot an existing run: python checkpoint.py plot out
+Exit status: 0 done (or --max-steps reached, or nothing left to --resume), 1 training failed
+(loss not finite, out of memory), 2 bad input (flags, files, --out), 128 + signal when stopped by
+Ctrl-C (130) or SIGTERM (143) after writing a checkpoint. Plot a run: python checkpoint.py plot out
 """
 import argparse
 import math
@@ -29,10 +29,21 @@ from common import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, see
 from llama import DEFAULT_MODEL, Llama
 
 
+class ShowDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help laid out as the docstring is, with each flag's default after its help (a flag that
+    takes no value, or has no default, shows none)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        no_default = action.default in (None, argparse.SUPPRESS) or action.default is False
+        if no_default or "%(default)" in help:
+            return help
+        return help + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
     # prog: the same name under torchrun and in the tests
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=ShowDefaults)
     add = p.add_argument
     add("--model", default=DEFAULT_MODEL, help="hub repo id or local HF folder of a Llama model")
     add("--data", default=data.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
@@ -54,7 +65,8 @@ def parse_args(argv=None):
         "and with more memory")
     add("--lr", type=positive(float), default=1e-3, help="AdamW learning rate of the LoRA weights")
     add("--max-steps", type=positive(int), default=None,
-        help="stop after this many optimizer steps")
+        help="stop after this many optimizer steps (counted from the run's start, also on "
+        "--resume); default: all of --epochs")
     add("--targets", default="all", help="comma list of Linear names to adapt, "
         "e.g. q_proj,v_proj; 'all' = every Linear")
     add("--init", choices=lora.INITS, default="seed",
@@ -77,6 +89,8 @@ def parse_args(argv=None):
         help="start over in --out; the old run is moved aside, not deleted")
     add("--plot", action="store_true", help="write loss.png into --out (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot and not checkpoint.can_plot():  # now, not after hours of training
+        p.error("--plot needs matplotlib: pip install matplotlib")
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.resume and args.overwrite:
@@ -110,6 +124,11 @@ def train(args):
     device = ddp.local_device(pick_device(args.device), world, local_rank)
     dtype = pick_dtype(args.dtype, device)
     checkpoint.check_out(args)
+    done = checkpoint.already_done(args)  # --resume of a run at its end: say so, write nothing
+    if done:
+        if master:
+            say(done)
+        return 0
     ddp.barrier(world)  # every rank has read --out before rank 0 changes it
 
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen, compute dtype
@@ -165,10 +184,11 @@ def train(args):
             speed = tokens_seen / (time.time() - t0)
             run.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
                     tokens_per_s=speed)
-            if master:
-                progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, speed)
             # Every rank leaves after the same step: on --max-steps, or a signal any of them got.
             last = run.is_last_step(step, ddp.stop_signal(run.stop, world, device))
+            if master:
+                progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, speed,
+                         final=last or i + 1 == steps_per_epoch)
             if i + 1 < steps_per_epoch:
                 run.maybe_checkpoint(epoch, i + 1, step, alpha, last)
             else:  # the end of the epoch: validate, then checkpoint at the next epoch's start
@@ -178,7 +198,9 @@ def train(args):
         if last:
             break
     ddp.check_ranks_agree(raw_model, world, device)
-    return run.finish(step)
+    status = run.finish(step)
+    ddp.barrier(world)  # no rank leaves while rank 0 still writes, or gloo still talks
+    return status
 
 
 def train_step(model, optimizer, batch, args, rank, world, device, dtype):
@@ -213,13 +235,28 @@ def summary(args, model, info, device, dtype, world):
             f"{str(dtype).replace('torch.', '')}, {world} process(es)")
 
 
-def progress(epoch, epochs, i, n, loss, alpha, tokens_per_s):
+_line_open = False  # a progress line on the terminal still waits for its newline
+
+
+def progress(epoch, epochs, i, n, loss, alpha, tokens_per_s, final):
+    """The step's line. On a terminal one line is rewritten in place (\\r) and ended after the
+    epoch's or the run's last step (`final`), so the next message starts a line of its own; in a
+    log file, every 20th step and the final ones."""
+    global _line_open
     line = (f"epoch {epoch + 1}/{epochs} step {i}/{n} loss {loss:.4f} alpha {alpha:g} "
             f"{tokens_per_s:.0f} tok/s")
     if sys.stderr.isatty():
-        print("\r" + line, end="", file=sys.stderr, flush=True)
-    elif i % 20 == 0 or i == n:
+        print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+        _line_open = not final
+    elif final or i % 20 == 0:
         print(line, file=sys.stderr, flush=True)
+
+
+def say(message):
+    """A one-line message of main(), on a line of its own even after an open progress line."""
+    global _line_open
+    print(("\n" if _line_open else "") + "train.py: " + message, file=sys.stderr)
+    _line_open = False
 
 
 def main(argv=None):
@@ -228,11 +265,10 @@ def main(argv=None):
     try:
         return train(args)
     except KeyboardInterrupt:  # Ctrl-C before checkpoint.Run took it over, i.e. while loading
-        print("train.py: interrupted before training started; nothing was written to --out",
-              file=sys.stderr)
+        say("interrupted before training started; nothing was written to --out")
         return 130
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 1 if isinstance(e, FloatingPointError) else 2
     except (torch.OutOfMemoryError, RuntimeError) as e:
         text = str(e)  # CUDA says "out of memory", the CPU allocator "can't allocate"
@@ -240,8 +276,8 @@ def main(argv=None):
                 or "can't allocate" in text):
             raise
         smaller = max(1, args.batch_size // 2)
-        print(f"train.py: error: out of memory at --batch-size {args.batch_size}; try "
-              f"--batch-size {smaller} or --grad-accum {args.grad_accum * 2}", file=sys.stderr)
+        say(f"error: out of memory at --batch-size {args.batch_size}; try "
+            f"--batch-size {smaller} or --grad-accum {args.grad_accum * 2}")
         return 1
     finally:
         # main() may be called from Python (tests): hand the signals back
@@ -251,4 +287,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ddp.exit(main())  # sys.exit, made safe under torchrun

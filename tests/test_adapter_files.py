@@ -12,9 +12,10 @@ import torch.nn as nn
 
 import export
 from export import load_adapter, save_adapter, write_atomic
+from llama import Llama
 from lora import add_lora, count_parameters, lora_modules, lora_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny import TOKENS, randomize_b
 
 
@@ -206,3 +207,53 @@ def test_write_atomic_writes_a_folder_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty; refusing to overwrite it"):
         write_atomic(out, called.append, folder=True)
     assert not called  # refused before writing anything
+
+
+# ----------------------------------------------------------------------------- PEFT's base copy
+
+def peft_with_base_weight(model, out, key, tensor):
+    """Our adapter exported to PEFT plus one of the base's own tensors, as peft saves the head of
+    an adapter on lm_head (`...lm_head.base_layer.weight`) or a resized embedding."""
+    export.export_peft(model, out)
+    file = out / "adapter_model.safetensors"
+    save_file({**load_file(file), key: tensor.contiguous()}, file, metadata={"format": "pt"})
+    return out
+
+
+HEAD = "base_model.model.lm_head.base_layer.weight"
+
+
+def test_a_peft_base_weight_fits_the_same_base_in_another_dtype(untied, tiny_dirs, tmp_path):
+    """Equal where both dtypes hold the same numbers: bfloat16 of the float32 base is the base."""
+    add_lora(untied, r=2, targets=["lm_head"])
+    randomize_b(untied)
+    head = untied.lm_head.original_module.weight.detach()
+    peft_with_base_weight(untied, tmp_path / "f32", HEAD, head)
+    bf16 = Llama.from_pretrained(tiny_dirs["untied"], dtype=torch.bfloat16)
+    load_adapter(bf16, tmp_path / "f32")
+    assert "lm_head" in lora_modules(bf16)
+    peft_with_base_weight(untied, tmp_path / "bf16", HEAD, head.to(torch.bfloat16))
+    f32 = Llama.from_pretrained(tiny_dirs["untied"])
+    meta = load_adapter(f32, tmp_path / "bf16")
+    assert torch.equal(f32(TOKENS), untied(TOKENS))
+    assert "base_weights" not in meta  # checked, then dropped: it can be the size of the vocab
+
+
+def test_a_peft_base_weight_of_another_shape_is_refused_by_name(untied, tmp_path):
+    add_lora(untied, r=2, targets=["q_proj"])
+    embed = untied.model.embed_tokens.weight.detach()
+    resized = torch.cat([embed, embed[:8]])  # (vocab + 8, hidden): a vocabulary grown in training
+    key = "base_model.model.model.embed_tokens.weight"
+    peft_with_base_weight(untied, tmp_path / "peft", key, resized)
+    with pytest.raises(ValueError, match=f"^adapter holds {key}, which differs from this "
+                                         "model's model.embed_tokens.weight: "):
+        load_adapter(copy.deepcopy(untied), tmp_path / "peft")
+
+
+def test_a_peft_base_weight_the_model_lacks_is_refused_by_name(untied, tmp_path):
+    add_lora(untied, r=2, targets=["q_proj"])
+    key = "base_model.model.model.norm.base_layer.bias"
+    peft_with_base_weight(untied, tmp_path / "peft", key, torch.zeros(48))
+    with pytest.raises(ValueError, match=f"^adapter holds {key}, "
+                                         "a weight this model does not have$"):
+        load_adapter(copy.deepcopy(untied), tmp_path / "peft")

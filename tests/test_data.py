@@ -173,15 +173,18 @@ def test_crlf_line_endings_blank_lines_and_a_bom_are_read(tmp_path):
 def test_hub_source_downloads_quotes_jsonl_of_the_dataset_repo(tmp_path, monkeypatch):
     local = write_jsonl(tmp_path / "quotes.jsonl", [good_row()])
     calls = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
     pairs, _ = read_quotes("Abirate/english_quotes")
-    assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl", "repo_type": "dataset"}]
+    assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl", "repo_type": "dataset",
+                      "local_files_only": False}]
     assert pairs == [("“Be yourself.”", ["honesty", "life"])]
 
 
 def test_hub_failure_is_one_line_telling_to_pass_data(monkeypatch):
     def offline(**kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # reached, then failed
     monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="could not download.*pass a local JSONL file with --data") as error:
         read_quotes("Abirate/english_quotes")
@@ -364,3 +367,99 @@ def test_load_dataset_reads_tokenizes_and_splits_with_counts(tmp_path):
     assert (len(train), len(val)) == (19, 2)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)  # tiny.py's <|begin_of_text|>, <|eot_id|>
     assert max(len(s["input_tokens"]) for s in train + val) == 40
+
+
+# -----------------------------------------------------------------------------
+# The hub out of reach (issue 11.8): one line within seconds, and paths taken for paths
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub endpoint that refuses connections (a port bound but not listening) and an empty hub
+    cache: the hub is out of reach the same way on any machine, with a network or without."""
+    import socket
+
+    import huggingface_hub.constants
+    for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # the endpoint itself, not a proxy
+        monkeypatch.delenv(proxy, raising=False)
+        monkeypatch.delenv(proxy.upper(), raising=False)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    yield
+    closed.close()
+
+
+def test_train_on_a_local_model_with_the_default_data_offline_fails_in_one_line_at_once(
+        tmp_path, monkeypatch, capsys, unreachable_hub):
+    """Before: the hub client retried for 25-30 s, printing 13 lines, before the error."""
+    import time
+
+    import train
+    from tests.tiny import write_tiny_model
+    model = write_tiny_model(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # what writing the model printed
+    start = time.monotonic()
+    code = train.main(["--model", str(model), "--out", str(tmp_path / "out")])  # default --data
+    seconds = time.monotonic() - start
+    source = data.DEFAULT_DATASET
+    assert (code, capsys.readouterr().err.splitlines()) == (2, [
+        f"train.py: error: {source}: no such file, and could not download quotes.jsonl of the dataset "
+        f"{source!r} from the Hugging Face hub (cannot reach the hub, nor is it in the hub cache); "
+        "pass a local JSONL file with --data"])
+    assert seconds < 5
+
+
+def test_offline_a_dataset_in_the_hub_cache_is_still_used(tmp_path, unreachable_hub):
+    """The hub cache's own layout (refs/main names the snapshot), as hf_hub_download leaves it."""
+    repo = tmp_path / "hub-cache" / "datasets--Abirate--english_quotes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    write_jsonl(repo / "snapshots" / ("0" * 40) / "quotes.jsonl", [good_row()])
+    assert read_quotes("Abirate/english_quotes")[0] == [("“Be yourself.”", ["honesty", "life"])]
+
+
+def test_missing_path_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # "data/quotes": a file of data/, not the hub repo "data" / "quotes"
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True, raising=False)
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
+    with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file$"):
+        read_quotes("data/quotes")
+
+
+def test_missing_relative_path_offline_says_no_such_file(tmp_path, monkeypatch, unreachable_hub):
+    monkeypatch.chdir(tmp_path)  # no data/ here: "data/quotes" could be a hub id, but no hub answers
+    with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file, and could not download") as error:
+        read_quotes("data/quotes")
+    assert "\n" not in str(error.value)
+
+
+def test_hub_reachable_asks_hf_endpoint_and_respects_hf_hub_offline(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    listening = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+    with listening:
+        assert hub.hub_reachable()
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not hub.hub_reachable()
+
+
+def test_hub_reachable_gives_up_after_its_timeout(monkeypatch):
+    """A DNS lookup or a connection that hangs does not hold the run: the answer comes in time."""
+    import socket
+    import time
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.monotonic()
+    assert not hub._connects("hangs.example", 443, 0.2)
+    assert time.monotonic() - start < 1

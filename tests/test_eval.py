@@ -1,7 +1,17 @@
-"""eval.py's tag scoring, checked against counts done by hand."""
+"""eval.py's tag scoring, checked against counts done by hand; the split and the prompts it
+scores, checked against the run's own (run.json, and the token ids training read)."""
+import json
+import re
+
 import pytest
 
+import data
+import eval as eval_py
+import export
+import sample
+from data import QuoteTokenizer
 from eval import looks_like_tags, parse_tags, tag_scores
+from tiny_run import one_torch_thread, run_script, tiny_model, train_args, write_quotes
 
 
 def test_parse_tags_takes_the_first_line_split_at_commas():
@@ -28,3 +38,113 @@ def test_nothing_predicted_scores_zero_not_nan():
 def test_tag_shape_refuses_prose():
     assert looks_like_tags(" attributed-no-source, be-yourself")
     assert not looks_like_tags(" This quote is about how we should all live our lives.")
+
+
+# ----------------------------------------------------------------------------- the run's split
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(train.py --out folder, the flags that fix its split): a tiny run whose split flags all
+    differ from the defaults, as a user runs it."""
+    model_dir, root = tiny_model(tmp_path_factory), tmp_path_factory.mktemp("run")
+    quotes, out = write_quotes(root / "quotes.jsonl"), root / "out"
+    split = ["--model", model_dir, "--data", quotes, "--seed", 3, "--val-fraction", 0.25,
+             "--max-len", 48]
+    done = run_script(["train.py", *train_args(model_dir, quotes, out, "--epochs", 2, *split)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, [str(a) for a in split]
+
+
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4"]
+
+
+def eval_json(capsys, *argv):
+    """eval.main in this process: (its JSON without the timing, its stderr)."""
+    code = eval_py.main([*map(str, argv), *FLAGS])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    del result["seconds"]
+    return result, captured.err
+
+
+def test_eval_scores_the_runs_own_split_without_flags(run, capsys):
+    out, split = run
+    alone, err = eval_json(capsys, "--adapter", out)
+    assert f"eval.py: the split of {out / 'run.json'}: --data {split[3]} --seed 3 " in err
+    given, _ = eval_json(capsys, "--adapter", out, *split)
+    assert alone == given
+    assert alone["n"] == 5  # 20 quotes, --val-fraction 0.25
+
+
+def test_eval_refuses_another_seed_than_the_runs(run, capsys):
+    out, split = run
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--adapter", str(out), *split, "--seed", "0", *FLAGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"eval.py: error: --seed 0 (the run's: 3): another split than {out / 'run.json'} records "
+        "would score training quotes (leave the flag out, or pass --allow-other-split)")
+
+
+def test_eval_scores_another_split_when_allowed_with_a_warning(run, capsys):
+    out, split = run
+    result, err = eval_json(capsys, "--adapter", out, *split, "--seed", "0",
+                            "--allow-other-split")
+    assert (f"eval.py: warning: --seed 0 (the run's: 3): another split than {out / 'run.json'} "
+            "records; some scored quotes may be training quotes\n") in err
+    assert result["n"] == 5
+
+
+def test_eval_reports_the_alpha_it_used(run, capsys):
+    """Oracle: the alpha in the adapter's metadata (train.py doubled it after each epoch)."""
+    out, split = run
+    saved = export.read_adapter(out)[1]["alpha"]
+    assert eval_json(capsys, "--adapter", out, *split)[0]["alpha"] == saved
+    assert eval_json(capsys, "--adapter", out, *split, "--alpha", 0.3)[0]["alpha"] == 0.3
+
+
+def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Quotes of three-byte characters cut to --max-len: a cut inside a character decodes to
+    U+FFFD, and its text encodes to other tokens. Oracle: data.py's samples, as train.py makes
+    them; what generate() is given is recorded."""
+    model_dir = tiny_model(tmp_path_factory)
+    quotes = tmp_path / "utf8.jsonl"
+    rows = [{"quote": "x" * i + "\u65e5\u672c\u8a9e" * 20, "tags": ["life"]} for i in range(12)]
+    quotes.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, val, _, _ = data.load_dataset(model_dir, str(quotes), 30, 0.5, 0)
+    expected = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val]
+    tokenizer = QuoteTokenizer.from_model_dir(model_dir)
+    text_again = [[tokenizer.bos_id] + tokenizer.encode(tokenizer.decode(ids[1:]))
+                  for ids in expected]
+    assert text_again != expected  # the case is there: some cut fell inside a character
+    seen = []
+
+    def generate(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(sample, "generate", generate)
+    eval_json(capsys, "--no-adapter", "--model", model_dir, "--data", quotes, "--max-len", 30,
+              "--val-fraction", 0.5)
+    assert sorted(seen) == sorted(expected)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        eval_py.main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", options) if e.strip()]
+    entries = {re.match(r"(?:-\w, )?(--[\w-]+)", e)[1]: e for e in entries}
+    for flag, entry in entries.items():
+        if re.match(rf"{flag} ([A-Z_]+|\{{)", entry):  # takes a value
+            assert "default: " in entry, entry
+    assert entries["--n"].endswith("(default: 250)")
+    assert entries["--seed"].endswith("else 0)")
+    assert entries["--data"].endswith(f"else {data.DEFAULT_DATASET})")

@@ -319,3 +319,94 @@ def test_llama_3_2_1b_shape_loads_and_matches_transformers(llama1b_dir):
     assert ours.config.eos_token_ids == [128001, 128008, 128009]
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert sum(p.numel() for p in ours.parameters()) == 1_235_814_400
+
+
+# ----------------------------------------------------------------------------- a stored lm_head (issue 11.3)
+
+def _store_head(folder, head):
+    """Add lm_head.weight to a tied folder's safetensors; config.json still says tied."""
+    from safetensors.torch import load_file, save_file
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight"] = head(state["model.embed_tokens.weight"]).contiguous()
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_stored_head_that_differs_is_kept_untied_as_transformers_does(tmp_path, capsys):
+    """A head fine-tuned and saved by another tool, config.json left tied: transformers 5 keeps the
+    stored head (untied), and so do we, saying so in one line. Before: dropped, logits off by 1.5."""
+    from transformers import LlamaForCausalLM
+    folder = tiny.write_tiny_model(tmp_path / "m", tiny.LLAMA3_GQA_TIED)
+    noise = torch.Generator().manual_seed(0)
+    _store_head(folder, lambda embed: embed + 0.1 * torch.randn(embed.shape, generator=noise))
+    capsys.readouterr()  # what writing the folder printed
+    ours = Llama.from_pretrained(folder)
+    assert capsys.readouterr().err.splitlines() == [
+        f"{folder}: lm_head.weight differs from embed_tokens.weight although config.json ties them: "
+        "untied, using the stored head"]
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.lm_head.weight is not hf.model.embed_tokens.weight  # the oracle untied it too
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert not ours.config.tie_word_embeddings  # what a merged export writes to config.json
+    x = tokens(ours.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_stored_head_equal_to_the_embedding_stays_tied(tmp_path, capsys):
+    """A .bin-converted checkpoint often stores both keys, equal: still one matrix, silently."""
+    from transformers import LlamaForCausalLM
+    folder = tiny.write_tiny_model(tmp_path / "m", tiny.LLAMA3_GQA_TIED)
+    _store_head(folder, lambda embed: embed.clone())
+    capsys.readouterr()
+    ours = Llama.from_pretrained(folder)
+    assert capsys.readouterr().err == ""
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    x = tokens(ours.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the hub out of reach (issue 11.8)
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub endpoint that refuses connections (a port bound but not listening) and an empty hub
+    cache: the hub is out of reach the same way on any machine, with a network or without."""
+    import socket
+
+    import huggingface_hub.constants
+    for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # the endpoint itself, not a proxy
+        monkeypatch.delenv(proxy, raising=False)
+        monkeypatch.delenv(proxy.upper(), raising=False)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    yield
+    closed.close()
+
+
+def test_hub_id_with_the_hub_out_of_reach_fails_at_once_naming_data_too(unreachable_hub):
+    """Before: 25-30 s of retries logged line by line, then an error silent about --data."""
+    import time
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as error:
+        Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert time.monotonic() - start < 5
+    assert str(error.value) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct: no such folder, and could not download it from the "
+        "Hugging Face hub (cannot reach the hub); if you are offline, pass a local folder holding "
+        "config.json, tokenizer.json and *.safetensors, e.g. --model path/to/Llama-3.2-1B-Instruct "
+        "(train.py and eval.py then need a local JSONL file as --data too)")
+
+
+def test_missing_path_under_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # "models/SmolLM2": a folder of models/, not the hub repo models/SmolLM2
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("went to the hub"))
+    with pytest.raises(FileNotFoundError, match=r"^model folder models/SmolLM2 does not exist"):
+        Llama.from_pretrained("models/SmolLM2")

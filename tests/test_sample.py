@@ -6,6 +6,8 @@ new token (no KV cache, no batching, no padding): the argmax of the last positio
 oracle keeps the adapter apart (W x + alpha B A x); sample.py merges it into W first.
 """
 import json
+import math
+import re
 import shutil
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 import export
 import sample
 from data import QuoteTokenizer, prompt_text
-from llama import Llama
+from llama import DEFAULT_MODEL, Llama
 from tiny_run import (PAIRS, hashes, one_torch_thread, run_script, tiny_model, train_args,
                       write_quotes)
 
@@ -193,3 +195,107 @@ def test_both_generates_sample_alike_from_one_seed(tiny):
     plain = sample.generate_simple(tiny, prompts, generator=seeds[0], **kwargs)
     packed = sample.generate(tiny, prompts, generator=seeds[1], **kwargs)
     assert packed == plain
+
+
+# ----------------------------------------------------------------------------- the prompt's shape
+
+def test_a_prompt_without_the_separator_gets_it_with_a_note(trained, by_hand, capsys):
+    """"Be yourself." alone completed to an empty string: nothing cued the tags."""
+    model_dir, out = trained
+    bare = PAIRS[1][0]
+    assert PROMPTS[0] == prompt_text(bare)
+    rows, err = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, bare)
+    assert rows == [{"prompt": PROMPTS[0], "completion": by_hand["adapter"][0]}]
+    assert err == ('sample.py: note: added " | tags:" to prompt 1: the adapter learned to write '
+                   'tags after "<quote> | tags:"\n')
+
+
+def test_a_space_after_the_separator_changes_nothing(trained, by_hand, capsys):
+    """The training text never had a space after "tags:" (each tag token carries its own)."""
+    model_dir, out = trained
+    rows, err = sample_jsonl(capsys, "--adapter", out, "--model", model_dir,
+                             PROMPTS[0] + " ", PROMPTS[0])
+    assert rows == [{"prompt": PROMPTS[0], "completion": by_hand["adapter"][0]}] * 2
+    assert err == ""
+
+
+# ----------------------------------------------------------------------------- sampling filters
+
+def transformers_filter(logits, temperature, top_k=None, top_p=None):
+    """Oracle: transformers' warpers, in the order its generate() applies them."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores
+
+
+def assert_same_filter(logits, temperature, top_k=None, top_p=None):
+    ours = sample.filter_logits(logits, temperature, top_k, top_p)
+    theirs = transformers_filter(logits, temperature, top_k, top_p)
+    assert torch.equal(ours.isfinite(), theirs.isfinite()), (temperature, top_k, top_p)
+    assert torch.equal(ours[ours.isfinite()], theirs[theirs.isfinite()])
+    return ours.isfinite().sum(-1).tolist()  # tokens left in each row
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    """Four equal logits, top_p 0.5: two tokens already hold 0.5, so two can be drawn (three
+    were). Oracle: transformers' TopPLogitsWarper."""
+    logits = torch.zeros(1, 4)
+    assert assert_same_filter(logits, 1.0, top_p=0.5) == [2]
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample.sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    assert len(drawn) == 2
+
+
+@pytest.mark.parametrize("logits, top_k, top_p, left", [
+    ([3.0, 3.0, 3.0, 1.0, 0.0], 2, None, 3),  # a tie with the k-th: all tied stay
+    ([3.0, 3.0, 1.0], 1, None, 2),
+    ([math.log(2), 0.0, 0.0], None, 0.5, 1),  # 0.5, 0.25, 0.25: the first alone reaches 0.5
+    ([math.log(2), 0.0, 0.0], None, 0.75, 2),
+    ([5.0, -30.0, -30.0], None, 0.999, 1),  # the likeliest always stays
+    ([0.0] * 8, 4, 0.5, 4),  # top-k keeps all eight (tied), then top-p half of them
+])
+def test_filter_boundaries_as_transformers(logits, top_k, top_p, left):
+    assert assert_same_filter(torch.tensor([logits]), 1.0, top_k, top_p) == [left]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_filters_match_transformers_on_random_distributions(seed):
+    """Random logits, some rounded so that ties and equal masses occur; every combination of
+    temperature, top-k and top-p leaves the same tokens, with the same logits."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = [5, 50, 1000][seed % 3]
+    logits = torch.randn(8, vocab, generator=g) * 3
+    logits[::2] = logits[::2].round()  # every other row full of ties
+    for temperature in (0.5, 1.0, 1.7):
+        for top_k in (None, 1, 3, 40):
+            for top_p in (None, 0.1, 0.5, 0.9, 0.95, 1.0):
+                assert_same_filter(logits, temperature, top_k, top_p)
+
+
+# ----------------------------------------------------------------------------- --help
+
+def help_entries(main, capsys):
+    """{"--flag": its entry in --help, on one line}."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", options) if e.strip()]
+    return {re.match(r"(?:-\w, )?(--[\w-]+)", e)[1]: e for e in entries}
+
+
+def test_help_shows_every_default(capsys):
+    entries = help_entries(sample.main, capsys)
+    for flag, entry in entries.items():
+        if re.match(rf"{flag} ([A-Z_]+|\{{)", entry):  # takes a value
+            assert "default: " in entry, entry
+    assert entries["--max-new-tokens"].endswith("(default: 32)")
+    assert entries["--batch-size"].endswith("(default: 16)")
+    assert entries["--temperature"].endswith("(default: 0.0)")
+    assert entries["--dtype"].endswith("(default: auto)")
+    assert f"else {DEFAULT_MODEL}" in entries["--model"]
+    assert "(default:" not in entries["--jsonl"]  # a switch: off unless given

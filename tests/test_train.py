@@ -4,8 +4,10 @@ Oracles: cross-entropy computed by hand over the tag positions; the alpha the me
 the base model's own weights, read again from its folder; a single-process run for DDP and for
 gradient accumulation; an uninterrupted run for resume (bit for bit, float32 on the CPU).
 """
+import json
 import re
 import shutil
+import sys
 import signal
 import time
 
@@ -390,3 +392,213 @@ def test_resume_drops_a_metrics_line_cut_by_a_kill(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "step", "st')
     checkpoint.Metrics(path, keep_until_step=2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+
+
+# ------------------------------------------------------------------- resuming a run at its end
+
+def files_and_times(folder):
+    """{file name: (sha256, mtime in ns)}: a file rewritten with the same bytes counts too."""
+    return {name: (digest, (folder / name).stat().st_mtime_ns)
+            for name, digest in hashes(folder).items()}
+
+
+@pytest.mark.parametrize("first, again, end", [
+    (["--max-steps", 2], ["--max-steps", 2], "--max-steps 2"),
+    ([], [], "its last epoch (--epochs 1)"),
+    (["--max-steps", 2], ["--max-steps", 1], "--max-steps 1"),
+], ids=["max_steps", "last_epoch", "smaller_max_steps"])
+def test_resume_of_a_run_at_its_end_says_so_and_changes_no_file(
+        setup, tmp_path, capsys, first, again, end):
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, *first)) == 0
+    before, step = files_and_times(out), metrics(out, "step")[-1]["step"]
+    capsys.readouterr()
+    assert train.main(train_args(*setup, out, "--resume", *again)) == 0
+    assert capsys.readouterr().err == (f"train.py: {out} is at step {step}, already past {end}: "
+                                       "nothing left to do, no file changed (a larger --epochs "
+                                       "or --max-steps trains on)\n")
+    assert files_and_times(out) == before
+
+
+def test_resume_says_from_which_step_and_more_steps_or_epochs_go_on(setup, tmp_path, capsys):
+    """--max-steps and --epochs are not settings of the run (checkpoint.RUN_FLAGS): raised on
+    --resume, the run trains on from its checkpoint."""
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
+    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 4)) == 0
+    assert f"resuming the run in {out} after step 2 (epoch 1, batch 3)" in capsys.readouterr().err
+    assert train.main(train_args(*setup, out, "--resume", "--epochs", 2)) == 0
+    assert f"resuming the run in {out} after step 4 (epoch 1, batch 5)" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(out, "step")] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
+# ------------------------------------------------------------------------- what a run prints
+
+HIDDEN = {"batch_ids", "memory_of"}  # bench.py's flags for its own child processes
+
+
+@pytest.mark.parametrize("script", ["train", "bench"])
+def test_help_shows_every_default(script, capsys):
+    """Every flag that takes a value and has a default shows it: `(default: 8)` after --r's help.
+    argparse wraps long lines (at hyphens too): the text is compared without whitespace."""
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())
+    defaults = vars(module.parse_args([]))
+    for name in ("model", "data", "batch_size", "lr", "r", "alpha"):
+        assert defaults[name] is not None
+    for name, value in defaults.items():
+        if value is not None and value is not False and name not in HIDDEN:
+            assert f"(default:{''.join(str(value).split())})" in text, name
+
+
+@pytest.mark.parametrize("argv, default", [
+    (["export", "--help"], "(default:theonetheadapterrecords)"),
+    (["plot", "--help"], "(default:out)"),
+], ids=["lora.py_export", "checkpoint.py_plot"])
+def test_help_of_export_and_plot_shows_the_defaults(argv, default):
+    done = run_script(["lora.py" if argv[0] == "export" else "checkpoint.py", *argv])
+    assert done.returncode == 0, done.stderr
+    assert default in "".join(done.stdout.split())
+
+
+def test_max_steps_mid_epoch_says_where_the_adapter_is(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"reached --max-steps 2 at step 2 (epoch 1/1): adapter saved in "
+        f"{out / 'adapter.safetensors'}; --resume with a larger --max-steps, or none, goes on")
+    assert train.main(train_args(*setup, out, "--resume")) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"done: 1 epoch(s), 5 steps; adapter saved in {out / 'adapter.safetensors'}")
+
+
+PROGRESS = r"epoch \d+/\d+ step \d+/\d+ loss \S+ alpha \S+ \d+ tok/s"
+
+
+def test_on_a_terminal_the_progress_line_ends_before_the_next_message(
+        setup, tmp_path, capsys, monkeypatch):
+    """On a tty every step rewrites one line (\r). After an epoch's last step, after
+    --max-steps, and before an error the line is ended: no message is glued after `tok/s`."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = train_args(*setup, tmp_path / "out", "--epochs", 2, "--max-steps", 7)
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.endswith("\n")
+    shown = [line.split("\r")[-1] for line in err.split("\n")]  # what the terminal keeps
+    assert not [line for line in shown if "tok/s" in line and not re.fullmatch(PROGRESS, line)]
+    steps = [line.split()[3] for line in shown if re.fullmatch(PROGRESS, line)]
+    assert steps == ["5/5", "2/5"]  # each epoch's last line stays on the screen
+    assert shown[-2].startswith("reached --max-steps 7")
+    # an error after some steps: the loss goes non-finite at step 2
+    argv = train_args(*setup, tmp_path / "nan", "--lr", 1e30)
+    assert train.main(argv) == 1
+    shown = capsys.readouterr().err.split("\n")
+    assert shown[-1] == ""
+    assert shown[-2].startswith("train.py: error: loss became nan at step 2")
+
+
+def test_in_a_log_file_progress_lines_are_whole_and_the_last_one_is_kept(setup, tmp_path,
+                                                                           capsys):
+    argv = train_args(*setup, tmp_path / "out", "--epochs", 2, "--max-steps", 7)
+    assert train.main(argv) == 0
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-1] == "" and "" not in lines[:-1]  # no blank line
+    assert [line.split()[3] for line in lines if re.fullmatch(PROGRESS, line)] == ["5/5", "2/5"]
+
+
+# ------------------------------------------------------------------------ checkpoint.py plot
+
+def test_plot_cli_names_the_file_it_wrote(three_epochs, tmp_path):
+    out, _ = three_epochs
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "loss.png").unlink()
+    done = run_script(["checkpoint.py", "plot", copy])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote {copy / 'loss.png'}\n"
+    assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "{d}: no such folder (a train.py --out)"),
+    (lambda d: d.mkdir(), "{d}/metrics.jsonl: no such file; is {d} a train.py --out folder?"),
+], ids=["missing", "not_a_run"])
+def test_plot_cli_refuses_a_folder_without_a_run_in_one_line(tmp_path, make, message):
+    folder = tmp_path / "missing"
+    make(folder)
+    done = run_script(["checkpoint.py", "plot", folder])
+    assert done.returncode == 2
+    assert done.stderr == f"checkpoint.py plot: error: {message.format(d=folder)}\n"
+
+
+def test_plot_legend_does_not_cover_the_curves(three_epochs, tmp_path, monkeypatch):
+    """The legend sits outside the axes: nothing it covers can be a curve."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    out, _ = three_epochs
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    figures, real_savefig = [], Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    checkpoint.plot(copy)
+    fig, = figures  # closed by plot(): drawn again on a canvas of its own
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer))
+
+
+NO_MATPLOTLIB = """
+import runpy, sys
+sys.modules["matplotlib"] = None  # as if it were not installed: importing it fails
+sys.argv = ["checkpoint.py", *sys.argv[1:]]
+runpy.run_path("checkpoint.py", run_name="__main__")
+"""
+
+
+def test_plot_without_matplotlib_names_the_package_in_one_line(three_epochs, tmp_path,
+                                                               setup, capsys, monkeypatch):
+    out, _ = three_epochs
+    done = run_script(["-c", NO_MATPLOTLIB, "plot", out])
+    assert done.returncode == 2
+    assert done.stderr == "checkpoint.py plot: error: needs matplotlib: pip install matplotlib\n"
+    # train.py --plot: refused before any work, not after hours of training
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(train_args(*setup, tmp_path / "out", "--plot"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "train.py: error: --plot needs matplotlib: pip install matplotlib")
+    assert not (tmp_path / "out").exists()
+
+
+ABORTING_TEARDOWN = """
+import atexit, os, runpy, sys
+# The interpreter's teardown aborts, as it does with gloo's threads still running on some machines
+# about one exit in four ("terminate called without an active exception").
+atexit.register(os.abort)
+sys.argv[0] = {train!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_under_torchrun_a_finished_run_exits_0_whatever_the_teardown_does(setup, tmp_path):
+    """Under torchrun, train.py leaves by os._exit once everything is written and flushed
+    (ddp.exit): an abort in the teardown it skips can no longer fail a run that went well."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(ABORTING_TEARDOWN.format(train=str(ROOT / "train.py")))
+    out = tmp_path / "out"
+    done = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+                       wrapper, *train_args(*setup, out, "--max-steps", 1)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all 2 processes end with the same adapter" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("reached --max-steps 1")
