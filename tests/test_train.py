@@ -4,6 +4,7 @@ Oracles: cross-entropy computed by hand over the tag positions; the alpha the me
 the base model's own weights, read again from its folder; a single-process run for DDP and for
 gradient accumulation; an uninterrupted run for resume (bit for bit, float32 on the CPU).
 """
+import json
 import re
 import shutil
 import signal
