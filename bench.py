@@ -274,6 +274,16 @@ def bench(args):
     if args.memory_of:
         return memory_child(args, device, dtype, train_batches)
 
+    # Peak memory first, each side in a fresh process of its own, while this one holds no model:
+    # three float32 copies of Llama-3.2-1B here (15 GB) would leave a child no room.
+    names = ["ours"] + ["plain"] * args.plain + ["peft"] * args.peft
+    largest = sorted(range(len(train_batches)),
+                     key=lambda i: -train_batches[i]["input_tokens"].numel())
+    memory = {}
+    for name in names if args.mem_batches > 0 else []:
+        log(f"peak memory of {name}: a fresh process ...")
+        memory[name] = measure_memory(args, name, sorted(largest[:args.mem_batches]))
+
     ours = Ours(args, device, dtype)
     sides = [ours]
     if args.plain:
@@ -295,12 +305,8 @@ def bench(args):
         result[s.name]["val_loss"] = validation_loss(s, val_batches, device, dtype)
     check_training(sides, losses, result)
 
-    largest = sorted(range(len(train_batches)),
-                     key=lambda i: -train_batches[i]["input_tokens"].numel())
     for s in sides:
-        if args.mem_batches > 0:
-            log(f"peak memory of {s.name}: a fresh process ...")
-            result[s.name].update(measure_memory(args, s.name, sorted(largest[:args.mem_batches])))
+        result[s.name].update(memory.get(s.name, {}))
 
     if args.gen_quotes > 0:
         prompts = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val_set[:args.gen_quotes]]
