@@ -27,7 +27,7 @@ import export
 import lora
 from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step,
                          validation_loss)
-from common import autocast, pick_device, pick_dtype, positive, seed
+from common import HelpFormatter, autocast, pick_device, pick_dtype, positive, seed
 from hub import resolve_model_dir
 
 def count(text):
@@ -37,20 +37,8 @@ def count(text):
     return int(text)
 
 
-class ShowDefaults(argparse.RawDescriptionHelpFormatter):
-    """--help laid out as the docstring is, with each flag's default after its help (a flag that
-    takes no value, or has no default, shows none)."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        no_default = action.default in (None, argparse.SUPPRESS) or action.default is False
-        if no_default or "%(default)" in help:
-            return help
-        return help + " (default: %(default)s)"
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=ShowDefaults)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="hub repo id or local HF folder")
     p.add_argument("--data", default=data.DEFAULT_DATASET,

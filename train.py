@@ -25,25 +25,14 @@ import data
 import ddp
 import kernels
 import lora
-from common import DEFAULT_OUT, autocast, pick_device, pick_dtype, positive, seed, validation_loss
+from common import (DEFAULT_OUT, HelpFormatter, autocast, pick_device, pick_dtype, positive, seed,
+                    validation_loss)
 from llama import DEFAULT_MODEL, Llama
-
-
-class ShowDefaults(argparse.RawDescriptionHelpFormatter):
-    """--help laid out as the docstring is, with each flag's default after its help (a flag that
-    takes no value, or has no default, shows none)."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        no_default = action.default in (None, argparse.SUPPRESS) or action.default is False
-        if no_default or "%(default)" in help:
-            return help
-        return help + " (default: %(default)s)"
 
 
 def parse_args(argv=None):
     # prog: the same name under torchrun and in the tests
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=ShowDefaults)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--model", default=DEFAULT_MODEL, help="hub repo id or local HF folder of a Llama model")
     add("--data", default=data.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
