@@ -80,3 +80,22 @@ def untied(base_models):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub endpoint that refuses connections (a port bound but not listening) and an empty hub
+    cache: the hub is out of reach the same way on any machine, with a network or without."""
+    import socket
+
+    import huggingface_hub.constants
+    for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # the endpoint itself, not a proxy
+        monkeypatch.delenv(proxy, raising=False)
+        monkeypatch.delenv(proxy.upper(), raising=False)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
+                        f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    yield
+    closed.close()

@@ -373,24 +373,6 @@ def test_load_dataset_reads_tokenizes_and_splits_with_counts(tmp_path):
 # The hub out of reach (issue 11.8): one line within seconds, and paths taken for paths
 
 
-@pytest.fixture
-def unreachable_hub(tmp_path, monkeypatch):
-    """A hub endpoint that refuses connections (a port bound but not listening) and an empty hub
-    cache: the hub is out of reach the same way on any machine, with a network or without."""
-    import socket
-
-    import huggingface_hub.constants
-    for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # the endpoint itself, not a proxy
-        monkeypatch.delenv(proxy, raising=False)
-        monkeypatch.delenv(proxy.upper(), raising=False)
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    yield
-    closed.close()
-
-
 def test_train_on_a_local_model_with_the_default_data_offline_fails_in_one_line_at_once(
         tmp_path, monkeypatch, capsys, unreachable_hub):
     """Before: the hub client retried for 25-30 s, printing 13 lines, before the error."""

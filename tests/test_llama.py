@@ -371,24 +371,6 @@ def test_stored_head_equal_to_the_embedding_stays_tied(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the hub out of reach (issue 11.8)
 
-@pytest.fixture
-def unreachable_hub(tmp_path, monkeypatch):
-    """A hub endpoint that refuses connections (a port bound but not listening) and an empty hub
-    cache: the hub is out of reach the same way on any machine, with a network or without."""
-    import socket
-
-    import huggingface_hub.constants
-    for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # the endpoint itself, not a proxy
-        monkeypatch.delenv(proxy, raising=False)
-        monkeypatch.delenv(proxy.upper(), raising=False)
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    yield
-    closed.close()
-
-
 def test_hub_id_with_the_hub_out_of_reach_fails_at_once_naming_data_too(unreachable_hub):
     """Before: 25-30 s of retries logged line by line, then an error silent about --data."""
     import time
