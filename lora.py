@@ -209,7 +209,22 @@ def check_init(init):
 
 
 if __name__ == "__main__":
-    # `python lora.py export ...`, the command users know, lives in export.py (the file about
-    # formats). Imported here only: export.py imports lora, so lora.py never depends on it.
-    from export import main
-    main()
+    # Two commands, each in the file about its subject: `python lora.py export ...` in export.py
+    # (formats), `python lora.py inspect ...` in anatomy.py (what an adapter learned). Imported
+    # here only: both import lora, so lora.py never depends on them.
+    import argparse
+    import sys
+    command, flags = sys.argv[1:2], sys.argv[2:]
+    if command == ["inspect"]:
+        from anatomy import main
+        sys.exit(main(flags))
+    if command == ["export"]:
+        from export import main
+        sys.exit(main(["export", *flags]))
+    # No command, --help or a typo: say which commands there are (exit 0 for --help, else 2).
+    p = argparse.ArgumentParser(prog="lora.py", description="Tools for LoRA adapters made by "
+                                "train.py; `python lora.py COMMAND --help` for each one's flags.")
+    p.add_argument("command", choices=["export", "inspect"], help="export: an adapter to PEFT's "
+                   "format or a merged HF model folder (export.py); inspect: what an adapter "
+                   "learned, the size, rank and amplification of each update (anatomy.py)")
+    p.parse_args()
