@@ -63,6 +63,20 @@ def seed(text):
     return value
 
 
+def alphas(text):
+    """--alpha-sweep: a comma list of alphas, each finite and >= 0 (0 switches the adapter off),
+    e.g. 0,0.125,0.25. An argparse type: its error names the flag."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+    bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: each alpha must be a finite number >= 0, "
+                                         f"got {bad[0]}")
+    return values
+
+
 # ----------------------------------------------------------------------------- device and dtype
 
 def pick_device(name):

@@ -3,10 +3,16 @@ F1 of greedy sample.py completions against the true tags.
 
     python eval.py --adapter out               # the adapter train.py wrote
     python eval.py --no-adapter --model M      # the base model, for the "before" row
+    python eval.py --adapter out --alpha-sweep 0,0.25,1,4,16 --plot sweep.png   # alpha's effect
 
 The held-out quotes are train.py's validation split, so the adapter never saw them. With a
 train.py --out folder, its run.json gives --data, --seed, --val-fraction and --max-len; otherwise
 (--no-adapter, a PEFT folder) pass the ones train.py used.
+
+--alpha-sweep scores one adapter at several alphas, the same quotes each time: alpha 0 is the
+base, the trained alpha is the adapter, and past it the update is scaled up, which the method's
+write-up calls the "concussion" (the model forgets how to write). Each alpha gives a line on
+stderr; the JSON holds them all, and --plot draws loss and F1 against alpha.
 """
 import argparse
 import json
@@ -20,7 +26,8 @@ from pathlib import Path
 import data
 import export
 import lora
-from common import (HelpFormatter, load, pick_device, pick_dtype, positive, seed,
+from checkpoint import can_plot
+from common import (HelpFormatter, alphas, load, pick_device, pick_dtype, positive, seed,
                     validation_loss)
 from sample import complete_ids
 
@@ -40,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--no-adapter", action="store_true", help="score the base model alone")
     p.add_argument("--alpha", type=float, default=None,
                    help="override the adapter's alpha (default: the adapter's)")
+    p.add_argument("--alpha-sweep", type=alphas, default=None, metavar="A,B,...",
+                   help="score at each of these alphas, e.g. 0,0.125,0.25,0.5,1,2,4,8,16 "
+                   "(default: once, at the adapter's)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="with --alpha-sweep: draw loss and F1 against alpha into this PNG "
+                   "(needs matplotlib; default: none)")
     p.add_argument("--data", default=None,
                    help="the --data train.py used" + run % data.DEFAULT_DATASET)
     p.add_argument("--n", type=positive(int), default=250,
@@ -67,6 +80,13 @@ def parse_args(argv=None):
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
+    if args.alpha_sweep and (args.no_adapter or args.alpha is not None):
+        p.error(f"--alpha-sweep scales an adapter: it contradicts "
+                f"{'--no-adapter' if args.no_adapter else '--alpha'}")
+    if args.plot and not args.alpha_sweep:
+        p.error("--plot draws the alpha sweep: pass --alpha-sweep too")
+    if args.plot and not can_plot():  # before loading anything
+        p.error("--plot needs matplotlib: pip install matplotlib")
     try:
         use_the_runs_split(args)
     except ValueError as e:
@@ -171,6 +191,8 @@ def tag_scores(completions, true_tags):
 
 
 def evaluate(args):
+    """Score the model on the held-out quotes; with --alpha-sweep, once per alpha. Returns the
+    result (a dict), or {"trained_alpha": the adapter's, "sweep": [one result per alpha]}."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load(args, device, dtype, "eval.py")
@@ -180,10 +202,27 @@ def evaluate(args):
         raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
                          f"{args.val_fraction} of the usable quotes rounds to none)")
     say_which_split(args)
+    if not args.alpha_sweep:
+        return score(model, tokenizer, val, args, device, dtype)
+    trained = next(iter(lora.lora_modules(model).values())).alpha  # the adapter's own
+    rows = []
+    for alpha in args.alpha_sweep:
+        lora.set_alpha(model, alpha)  # every LoraModule: the same B A, scaled
+        rows.append(score(model, tokenizer, val, args, device, dtype))
+        print(f"eval.py: alpha {alpha:g}: validation loss {rows[-1]['val_loss']:.4f}, P / R / F1 "
+              f"{rows[-1]['precision']:.2f} / {rows[-1]['recall']:.2f} / {rows[-1]['f1']:.2f}, "
+              f"tag-shaped {rows[-1]['tag_shaped']:.0%}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_sweep(rows, trained, args.plot, args.adapter)}", file=sys.stderr)
+    return {"trained_alpha": trained, "sweep": rows}
+
+
+def score(model, tokenizer, val, args, device, dtype):
+    """Validation loss on every held-out quote, and tags written for the first --n of them."""
     t0 = time.time()
-    alphas = {m.alpha for m in lora.lora_modules(model).values()}  # one, as load_adapter set it
+    in_use = {m.alpha for m in lora.lora_modules(model).values()}  # one: set_alpha sets them all
     loss = validation_loss(model, val, args.batch_size, tokenizer.eos_id, device, dtype)
-    result = {"alpha": alphas.pop() if alphas else None, "val_loss": loss}
+    result = {"alpha": in_use.pop() if in_use else None, "val_loss": loss}
     held_out = val[:args.n]
     completions = complete_ids(model, tokenizer, [prompt_ids(s) for s in held_out], args, device,
                                dtype)
@@ -192,6 +231,40 @@ def evaluate(args):
     for s, c in list(zip(held_out, completions))[:args.show]:
         print(f"{s['quote'][:70]!r} | true: {', '.join(s['tags'])} | wrote:{c!r}", file=sys.stderr)
     return result
+
+
+def plot_sweep(rows, trained, path, adapter):
+    """Validation loss (top) and tag F1 with the tag-shaped share (bottom) against alpha, on a log
+    axis; alpha 0 (the base) sits at a marked left edge, a quarter of the smallest alpha > 0.
+    Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positive = [r["alpha"] for r in rows if r["alpha"] > 0]
+    zero_at = min(positive) / 4 if positive else 1.0
+    x = [r["alpha"] or zero_at for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, layout="constrained")
+    top.plot(x, [r["val_loss"] for r in rows], "o-")
+    top.set_ylabel("validation loss (per tag token)")
+    bottom.plot(x, [r["f1"] for r in rows], "o-", label="tag F1")
+    bottom.plot(x, [r["tag_shaped"] for r in rows], "s--", label="tag-shaped share")
+    bottom.set_ylabel("share")
+    bottom.set_ylim(0, 1)
+    bottom.legend()
+    for ax in (top, bottom):
+        ax.set_xscale("log")
+        ax.axvline(trained, color="grey", lw=1, ls=":")  # where the adapter was trained
+        if positive and zero_at in x:
+            ax.axvspan(zero_at / 1.5, zero_at * 1.5, color="0.9")  # alpha 0: off the log scale
+    bottom.set_xticks(x, ["0 (base)" if r["alpha"] == 0 else f"{r['alpha']:g}" for r in rows],
+                      rotation=45)
+    bottom.minorticks_off()
+    bottom.set_xlabel(f"alpha (log scale; dotted: the adapter's own, {trained:g})")
+    top.set_title(f"{adapter}: the same adapter at each alpha", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # pyplot would keep every figure alive
+    return path
 
 
 def main(argv=None):

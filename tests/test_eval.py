@@ -70,7 +70,7 @@ def eval_json(capsys, *argv):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
-    del result["seconds"]
+    result.pop("seconds", None)  # a sweep times each alpha in its own row
     return result, captured.err
 
 
@@ -148,3 +148,60 @@ def test_help_shows_every_default(capsys):
     assert entries["--n"].endswith("(default: 250)")
     assert entries["--seed"].endswith("else 0)")
     assert entries["--data"].endswith(f"else {data.DEFAULT_DATASET})")
+
+
+# ----------------------------------------------------------------------------- --alpha-sweep
+
+def without_seconds(result):
+    return {k: v for k, v in result.items() if k != "seconds"}
+
+
+def scores(result):
+    """What eval.py measured, without the adapter's name."""
+    return {k: v for k, v in result.items() if k != "adapter"}
+
+
+def test_alpha_sweep_scores_as_eval_at_each_alpha_and_alpha_0_is_the_base(run, capsys, tmp_path):
+    """Oracle: separate evaluations with --alpha a, and the base alone (--no-adapter)."""
+    out, split = run
+    swept, err = eval_json(capsys, "--adapter", out, "--alpha-sweep", "0,0.3,2",
+                           "--plot", tmp_path / "sweep.png")
+    assert swept["trained_alpha"] == export.read_adapter(out)[1]["alpha"]
+    rows = [without_seconds(row) for row in swept["sweep"]]
+    for row, alpha in zip(rows, [0.0, 0.3, 2.0]):
+        alone, _ = eval_json(capsys, "--adapter", out, "--alpha", alpha)
+        assert row == scores(alone)
+    base, _ = eval_json(capsys, "--no-adapter", *split)
+    assert rows[0]["val_loss"] == pytest.approx(base["val_loss"], rel=1e-12)
+    assert {k: v for k, v in rows[0].items() if k not in ("alpha", "val_loss")} == {
+        k: v for k, v in scores(base).items() if k not in ("alpha", "val_loss")}
+    assert rows[1]["val_loss"] != rows[2]["val_loss"]  # the sweep does change alpha
+    assert "eval.py: alpha 0.3: validation loss " in err
+    assert err.strip().splitlines()[-1] == f"wrote {tmp_path / 'sweep.png'}"
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha-sweep", "0,-1"],
+     "argument --alpha-sweep: '0,-1': each alpha must be a finite number >= 0, got -1.0"),
+    (["--alpha-sweep", "0,,1"], "argument --alpha-sweep: '0,,1' is not a comma list of numbers"),
+    (["--alpha-sweep", "1,nan"],
+     "argument --alpha-sweep: '1,nan': each alpha must be a finite number >= 0, got nan"),
+    (["--alpha-sweep", "1", "--alpha", "2"],
+     "--alpha-sweep scales an adapter: it contradicts --alpha"),
+    (["--plot", "x.png"], "--plot draws the alpha sweep: pass --alpha-sweep too"),
+], ids=["negative", "empty_item", "nan", "with_alpha", "plot_alone"])
+def test_bad_alpha_sweeps_are_refused_naming_the_flag(run, capsys, argv, message):
+    out, _ = run
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--adapter", str(out), *argv, *FLAGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"eval.py: error: {message}"
+
+
+def test_alpha_sweep_without_an_adapter_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--no-adapter", "--alpha-sweep", "0,1", *FLAGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "eval.py: error: --alpha-sweep scales an adapter: it contradicts --no-adapter")
