@@ -5,7 +5,6 @@ LlamaForCausalLM with peft's LoRA, trained as their documentation does it. bench
 the same weights with the same starting A and B (adapter_weights, copy_adapter), so that any
 difference in speed, memory or loss comes from the implementations, not from the inputs.
 """
-import copy
 import time
 import warnings
 
@@ -17,7 +16,7 @@ import lora
 from common import autocast
 from hub import resolve_model_dir
 from llama import Llama, LlamaConfig
-from sample import generate, until_eos
+from generate import generate, until_eos
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,19 +44,21 @@ class Ours:
         self.model.train()
         self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr,
                                            weight_decay=0.0)
-        self.merged = None
+        self.merged = False
 
     def loss_sum(self, batch):
-        self.merged = None  # the adapter is about to change
+        if self.merged:
+            raise RuntimeError("the adapter was merged for generation: train before generating")
         return self.model(batch["input_tokens"], targets=batch["targets"])  # after the separator
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        """sample.py's path: the adapter merged into the weights (a copy, made once after
-        training)."""
-        if self.merged is None:
-            self.merged = copy.deepcopy(self.model).eval()
-            lora.merge_lora(self.merged)
-        return generate(self.merged, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
+        """sample.py's path: the adapter merged into the weights, in place, once training is
+        over (a copy would hold a second model: past 24 GB for float32 1B models)."""
+        if not self.merged:
+            lora.merge_lora(self.model)
+            self.model.eval()
+            self.merged = True
+        return generate(self.model, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
 
 
 class Peft:
@@ -83,12 +84,13 @@ class Peft:
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=args.lr, weight_decay=0.0)
-        self.merged = None
+        self.merged = False
 
     def loss_sum(self, batch):
+        if self.merged:
+            raise RuntimeError("the adapter was merged for generation: train before generating")
         where = batch["targets"] != data.IGNORE_INDEX
         n = where.sum()
-        self.merged = None  # the adapter is about to change
         # shift_labels: our targets are already shifted (targets[i] is the token after input[i]).
         out = self.model(input_ids=batch["input_tokens"], attention_mask=padding_mask(batch),
                          labels=batch["targets"], shift_labels=batch["targets"],
@@ -96,11 +98,12 @@ class Peft:
         return out.loss * n
 
     def generate(self, prompts, max_new_tokens, ignore_eos=False):
-        """PEFT's advice for inference, as ours: merge_and_unload (on a copy, made once after
-        training)."""
-        if self.merged is None:
-            self.merged = copy.deepcopy(self.model).merge_and_unload().eval()
-        model = self.merged
+        """PEFT's advice for inference, as ours: merge_and_unload, in place, once training is
+        over."""
+        if not self.merged:
+            self.model = self.model.merge_and_unload().eval()
+            self.merged = True
+        model = self.model
         # None: no stopping, also not the config's eos
         eos_ids = None if ignore_eos else self.eos_ids
         model.generation_config.eos_token_id = eos_ids

@@ -1,8 +1,8 @@
 """What the scripts share: argument types, the device and dtype, the validation loss, and the
 model with its adapter loaded as sample.py and eval.py need it.
 
-train.py, sample.py, eval.py and bench.py import this file, so that none of them imports
-train.py; eval.py and bench.py do call sample.py's generation.
+train.py, sample.py, eval.py and bench.py import this file (and generate.py its autocast), so
+that no script imports another.
 """
 import argparse
 import math

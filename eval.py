@@ -29,7 +29,7 @@ import lora
 from checkpoint import can_plot
 from common import (HelpFormatter, alphas, load, pick_device, pick_dtype, positive, seed,
                     validation_loss)
-from sample import complete_ids
+from generate import complete_ids
 
 # The flags that fix train.py's split, with train.py's defaults.
 SPLIT_FLAGS = {"data": data.DEFAULT_DATASET, "seed": 0, "val_fraction": 0.1, "max_len": 256}

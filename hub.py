@@ -1,6 +1,9 @@
-"""Where models and datasets come from: a local path as it is, anything else from the Hugging
-Face hub (downloaded once into its cache). The only file that talks to the network; it also
-reads a checkpoint's safetensors, single-file or sharded, with one-line errors.
+"""Where models and datasets come from, and what their files say.
+
+A local path is used as it is, anything else comes from the Hugging Face hub (downloaded once into
+its cache): the only file that talks to the network. It also reads a model folder for llama.py:
+config.json's fields (two spellings of RoPE's settings, eos ids from two files) and the
+safetensors, single-file or sharded, checked tensor by tensor against the model, one-line errors.
 """
 import contextlib
 import functools
@@ -8,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -15,6 +19,7 @@ from urllib.parse import urlsplit
 
 import huggingface_hub
 import huggingface_hub.constants  # a lazy submodule: not an attribute until imported
+import torch
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
@@ -52,6 +57,65 @@ def resolve_model_dir(name_or_path):
             "(train.py and eval.py then need a local JSONL file as --data too)") from None
 
 
+# ----------------------------------------------------------------------------- a model folder
+
+def read_config(model_dir):
+    """LlamaConfig's fields (a dict) from config.json, plus generation_config.json's eos ids.
+    Raises FileNotFoundError without config.json, ValueError naming the file otherwise."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; a model folder needs config.json")
+    try:
+        fields = config_fields(json.loads(path.read_text()), where=str(path))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable Llama config "
+                         f"({type(e).__name__}: {e})") from None
+    # Instruct models stop at several ids (Llama-3.2: 128001, 128008, 128009); the generation
+    # config may list ones config.json does not.
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        fields["eos_token_ids"] += [e for e in extra if e not in fields["eos_token_ids"]]
+    return fields
+
+
+def config_fields(raw, where="config.json"):
+    """LlamaConfig's fields from a config.json dict. ValueError for a model llama.py does not
+    implement (another architecture, biases, another RoPE type)."""
+    arch = raw.get("architectures") or ["Llama"]
+    if raw.get("model_type") != "llama" or any("Llama" not in a for a in arch):
+        raise ValueError(f"{where}: model_type {raw.get('model_type')!r} / architectures "
+                         f"{raw.get('architectures')} is not a Llama model "
+                         "(expected 'llama', LlamaForCausalLM)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported (Llama-3.2 has no biases)")
+    # Two spellings in the wild: `rope_theta` + `rope_scaling` (the hub's Llama-3.2 files) and
+    # `rope_parameters` holding both (written by transformers 5).
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported "
+                         "(only 'default' and 'llama3')")
+    heads = raw["num_attention_heads"]
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        rope_scaling=rope if rope_type == "llama3" else None,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        bos_token_id=raw.get("bos_token_id"), eos_token_ids=_ids(raw.get("eos_token_id")))
+
+
+def _ids(value):
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
 def read_safetensors(model_dir):
     """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint, CPU."""
     from safetensors import safe_open
@@ -75,6 +139,37 @@ def read_safetensors(model_dir):
             raise ValueError(f"{path}: cannot be read, truncated or corrupt? ({e})") from None
     return state
 
+
+def keeps_tie(state, tied, model_dir):
+    """Whether lm_head stays tied to embed_tokens. A tool that fine-tuned the head may save it
+    and leave config.json's tie: transformers then keeps the stored head, untied; dropping it
+    would change every logit. Says so on stderr."""
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if not tied or head is None or embed is None or torch.equal(head, embed):
+        return tied
+    print(f"{model_dir}: lm_head.weight differs from embed_tokens.weight although config.json "
+          "ties them: untied, using the stored head", file=sys.stderr)
+    return False
+
+
+def check_state_dict(expected, state, tied, model_dir):
+    """Refuse a checkpoint unless it has exactly the model's tensors (expected: the model's
+    state dict), in the model's shapes. ValueError naming the first misfits."""
+    expected = {k: tuple(v.shape) for k, v in expected.items()}
+    if tied:  # stored as embed_tokens (an lm_head too is equal)
+        expected.pop("lm_head.weight")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
+    for what, keys in (("missing tensors", sorted(set(expected) - set(state))),
+                       ("unexpected tensors", sorted(set(state) - set(expected))),
+                       ("wrong shapes", shapes)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ValueError(f"{model_dir}: {what}: {', '.join(keys[:3])}{more}")
+
+
+# ----------------------------------------------------------------------------- datasets
 
 def resolve_data_file(source):
     """A local JSONL file, or the quotes.jsonl of a hub dataset repo ("owner/name"), downloaded

@@ -8,18 +8,15 @@ checkpoint's safetensors load without a renaming table and adapters export to PE
 kernels.py is an optional speed layer that replaces some of these formulas with hand-written
 backward passes (`kernels.use(model)`); this file never needs it.
 """
-import json
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hub import read_safetensors, resolve_model_dir
+import hub
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 IGNORE_INDEX = -100  # a target without loss (F.cross_entropy's default ignore_index)
@@ -45,69 +42,18 @@ class LlamaConfig:
     eos_token_ids: list = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, raw, where="config.json"):
-        """From a config.json dict. Raises ValueError for a model this file does not implement."""
-        arch = raw.get("architectures") or ["Llama"]
-        if raw.get("model_type") != "llama" or any("Llama" not in a for a in arch):
-            raise ValueError(f"{where}: model_type {raw.get('model_type')!r} / architectures "
-                             f"{raw.get('architectures')} is not a Llama model "
-                             "(expected 'llama', LlamaForCausalLM)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if raw.get(flag):
-                raise ValueError(f"{where}: {flag}=true is not supported "
-                                 "(Llama-3.2 has no biases)")
-        # Two spellings in the wild: `rope_theta` + `rope_scaling` (the hub's Llama-3.2 files) and
-        # `rope_parameters` holding both (written by transformers 5).
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{where}: rope_type {rope_type!r} is not supported "
-                             "(only 'default' and 'llama3')")
-        eos = raw.get("eos_token_id")
-        heads = raw["num_attention_heads"]
-        return cls(
-            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=_ids(eos))
-
-    @classmethod
     def from_dir(cls, model_dir):
-        """config.json (and generation_config.json's eos ids) of a model folder."""
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; a model folder needs config.json")
-        try:
-            config = cls.from_dict(json.loads(path.read_text()), where=str(path))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a readable Llama config "
-                             f"({type(e).__name__}: {e})") from None
-        # Instruct models stop at several ids (Llama-3.2: 128001, 128008, 128009); the generation
-        # config may list ones config.json does not.
-        gen = Path(model_dir) / "generation_config.json"
-        if gen.is_file():
-            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
-            config.eos_token_ids += [e for e in extra if e not in config.eos_token_ids]
-        return config
+        """From a model folder's config.json (and generation_config.json's eos ids): hub.py reads
+        both files, with their spellings and checks (ValueError for a model not written here)."""
+        return cls(**hub.read_config(model_dir))
 
 
-def _ids(value):
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
+# ----------------------------------------------------------------------------- the blocks
 
 def upcast(x):
     """x in float32 when it is bf16 or float16 (reductions lose digits there); float64 stays."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
-
-# ----------------------------------------------------------------------------- the blocks
 
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension (Zhang and Sennrich 2019, eq. 4).
@@ -339,20 +285,14 @@ class Llama(nn.Module):
     def from_pretrained(cls, name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
         """Build the model from a local HF folder or a hub repo id, strictly: every tensor
         present, none extra, every shape right (ValueError naming the first misfits)."""
-        model_dir = resolve_model_dir(name_or_path)
+        model_dir = hub.resolve_model_dir(name_or_path)
         config = LlamaConfig.from_dir(model_dir)
-        state = read_safetensors(model_dir)
-        head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
-        if config.tie_word_embeddings and head is not None and embed is not None:
-            # A tool that fine-tuned the head may save it and leave config.json's tie: transformers
-            # then keeps the stored head, untied; dropping it would change every logit.
-            if not torch.equal(head, embed):
-                config.tie_word_embeddings = False
-                print(f"{model_dir}: lm_head.weight differs from embed_tokens.weight although "
-                      "config.json ties them: untied, using the stored head", file=sys.stderr)
+        state = hub.read_safetensors(model_dir)
+        # A stored lm_head that differs from embed_tokens stays untied, as in transformers.
+        config.tie_word_embeddings = hub.keeps_tie(state, config.tie_word_embeddings, model_dir)
         with torch.device("meta"):  # no memory for random weights that are overwritten at once
             model = cls(config)
-        check_state_dict(model, state, model_dir)
+        hub.check_state_dict(model.state_dict(), state, config.tie_word_embeddings, model_dir)
         names = model.state_dict().keys()
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in names}
         model.load_state_dict(state, strict=False, assign=True)
@@ -361,21 +301,3 @@ class Llama(nn.Module):
         model.inv_freq = rope_inv_freq(config).to(device)  # a buffer, made on "meta" above
         model.name_or_path, model.model_dir = str(name_or_path), model_dir
         return model.eval()
-
-
-# ----------------------------------------------------------------------------- loading
-
-def check_state_dict(model, state, model_dir):
-    """Refuse a checkpoint unless it has exactly the model's tensors, in the model's shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:  # stored as embed_tokens (an lm_head too is equal)
-        expected.pop("lm_head.weight")
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    shapes = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
-              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
-    for what, keys in (("missing tensors", sorted(set(expected) - set(state))),
-                       ("unexpected tensors", sorted(set(state) - set(expected))),
-                       ("wrong shapes", shapes)):
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise ValueError(f"{model_dir}: {what}: {', '.join(keys[:3])}{more}")

@@ -12,8 +12,8 @@ import torch
 import bench
 import bench_sides
 import data as quotes
+import generate
 import lora
-import sample
 from tiny import LLAMA3_GQA_TIED, SENTENCES, write_tiny_model
 
 ROWS = [{"quote": s.split(" | tags: ")[0], "tags": s.split(" | tags: ")[1].split(", ")}
@@ -129,8 +129,8 @@ def test_both_sides_generate_the_same_greedy_tags(setup):
 def test_padding_mask_and_until_eos():
     batch = {"input_tokens": torch.zeros(2, 4, dtype=torch.long), "lengths": torch.tensor([4, 2])}
     assert bench_sides.padding_mask(batch).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert sample.until_eos([5, 6, 2, 7], [2, 9]) == [5, 6]
-    assert sample.until_eos([5, 6], [2]) == [5, 6]
+    assert generate.until_eos([5, 6, 2, 7], [2, 9]) == [5, 6]
+    assert generate.until_eos([5, 6], [2]) == [5, 6]
 
 
 def test_quantile_interpolates():

@@ -8,7 +8,7 @@ import pytest
 import data
 import eval as eval_py
 import export
-import sample
+import generate
 from data import QuoteTokenizer
 from eval import looks_like_tags, parse_tags, tag_scores
 from tiny_run import one_torch_thread, run_script, tiny_model, train_args, write_quotes
@@ -126,11 +126,11 @@ def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monk
     assert text_again != expected  # the case is there: some cut fell inside a character
     seen = []
 
-    def generate(model, prompts, *args, **kwargs):
+    def fake_generate(model, prompts, *args, **kwargs):
         seen.extend(prompts)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(sample, "generate", generate)
+    monkeypatch.setattr(generate, "generate", fake_generate)
     eval_json(capsys, "--no-adapter", "--model", model_dir, "--data", quotes, "--max-len", 30,
               "--val-fraction", 0.5)
     assert sorted(seen) == sorted(expected)

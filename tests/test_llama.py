@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
+import hub
 import tiny
+from generate import generate, sample_next
 from llama import KVCache, Llama, LlamaConfig
-from sample import generate, sample_next
 
 CONFIGS = {"llama3_gqa_tied": tiny.LLAMA3_GQA_TIED, "plain_mha_untied": tiny.PLAIN_MHA_UNTIED}
 
@@ -178,8 +179,9 @@ def test_hub_style_config_loads_the_same(tmp_path):
 
 def test_llama3_scaling_changes_only_slow_frequencies():
     from llama import rope_inv_freq
-    plain = LlamaConfig.from_dict({**tiny.LLAMA3_GQA_TIED, "model_type": "llama", "rope_scaling": None})
-    scaled = LlamaConfig.from_dict({**tiny.LLAMA3_GQA_TIED, "model_type": "llama"})
+    raw = {**tiny.LLAMA3_GQA_TIED, "model_type": "llama"}
+    plain = LlamaConfig(**hub.config_fields({**raw, "rope_scaling": None}))
+    scaled = LlamaConfig(**hub.config_fields(raw))
     a, b = rope_inv_freq(plain), rope_inv_freq(scaled)
     assert torch.equal(a[0], b[0])  # fastest rotation: wavelength 2 pi < 64 / 4, untouched
     assert torch.isclose(b[-1], a[-1] / 32)  # slowest: wavelength > 64, divided by factor

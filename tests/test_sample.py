@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import export
+import generate
 import sample
 from data import QuoteTokenizer, prompt_text
 from llama import DEFAULT_MODEL, Llama
@@ -162,26 +163,26 @@ def random_prompts(lengths, vocab_size, seed=0):
 def test_packed_generate_gives_the_plain_loops_tokens(tiny, monkeypatch, pack_tokens):
     """Oracle: generate_simple, the padded batch read in one forward. Greedy, prompts of different
     lengths (the longest sets the padding), no eos: every row runs all its steps."""
-    monkeypatch.setattr(sample, "PACK_TOKENS", pack_tokens)
+    monkeypatch.setattr(generate, "PACK_TOKENS", pack_tokens)
     prompts = random_prompts([7, 1, 19, 12, 3, 19], tiny.config.vocab_size)
-    plain = sample.generate_simple(tiny, prompts, max_new_tokens=10, eos_ids=[])
+    plain = generate.generate_simple(tiny, prompts, max_new_tokens=10, eos_ids=[])
     assert [len(row) for row in plain] == [10] * len(prompts)
-    assert sample.generate(tiny, prompts, max_new_tokens=10, eos_ids=[]) == plain
+    assert generate.generate(tiny, prompts, max_new_tokens=10, eos_ids=[]) == plain
 
 
 def test_both_generates_stop_at_an_eos_alike(tiny):
     """Eos ids taken from the free output: a row stops before its first eos (which is not
     returned); once every row has one, the loop ends before max_new_tokens. Both loops agree."""
     prompts = random_prompts([5, 14, 9], tiny.config.vocab_size, seed=1)
-    free = sample.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=[])
+    free = generate.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=[])
     for eos_ids in [[free[0][3]], [row[2] for row in free]]:  # row 0 stops; every row stops
-        plain = sample.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
-        assert plain == [sample.until_eos(row, eos_ids) for row in free]  # the free run, cut
-        assert sample.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids) == plain
+        plain = generate.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
+        assert plain == [generate.until_eos(row, eos_ids) for row in free]  # the free run, cut
+        assert generate.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids) == plain
     calls = []
     hook = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        sample.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
+        generate.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
     finally:
         hook.remove()
     assert len(calls) <= 3  # one prefill and at most two steps, not the 12 calls of a free run
@@ -192,8 +193,8 @@ def test_both_generates_sample_alike_from_one_seed(tiny):
     prompts = random_prompts([6, 11, 2], tiny.config.vocab_size, seed=2)
     kwargs = dict(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.95, eos_ids=[])
     seeds = [torch.Generator().manual_seed(3) for _ in range(2)]
-    plain = sample.generate_simple(tiny, prompts, generator=seeds[0], **kwargs)
-    packed = sample.generate(tiny, prompts, generator=seeds[1], **kwargs)
+    plain = generate.generate_simple(tiny, prompts, generator=seeds[0], **kwargs)
+    packed = generate.generate(tiny, prompts, generator=seeds[1], **kwargs)
     assert packed == plain
 
 
@@ -234,7 +235,7 @@ def transformers_filter(logits, temperature, top_k=None, top_p=None):
 
 
 def assert_same_filter(logits, temperature, top_k=None, top_p=None):
-    ours = sample.filter_logits(logits, temperature, top_k, top_p)
+    ours = generate.filter_logits(logits, temperature, top_k, top_p)
     theirs = transformers_filter(logits, temperature, top_k, top_p)
     assert torch.equal(ours.isfinite(), theirs.isfinite()), (temperature, top_k, top_p)
     assert torch.equal(ours[ours.isfinite()], theirs[theirs.isfinite()])
@@ -247,7 +248,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it():
     logits = torch.zeros(1, 4)
     assert assert_same_filter(logits, 1.0, top_p=0.5) == [2]
     g = torch.Generator().manual_seed(0)
-    drawn = {int(sample.sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    drawn = {int(generate.sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
     assert len(drawn) == 2
 
 
