@@ -1,9 +1,13 @@
 """Write tags for quotes with a LoRA-adapted Llama.
 
     python sample.py "The only way to do great work is to love what you do. | tags:"
+    python sample.py --alpha-sweep 0,0.25,4,16 "Be yourself. | tags:"   # one line per alpha
 
 The adapter comes from train.py's --out folder (default: out/ when it exists) and is merged into
 the weights. The decoding loop itself (a KV cache, a token a step) is in generate.py.
+--alpha-sweep writes the same prompts at each alpha instead, the adapter kept apart: alpha 0 is
+the base, and far past the trained alpha the method's "concussion" shows (the model forgets how
+to write).
 """
 import argparse
 import json
@@ -12,7 +16,8 @@ import sys
 from pathlib import Path
 
 import lora
-from common import DEFAULT_OUT, HelpFormatter, load, pick_device, pick_dtype, positive, seed
+from common import (DEFAULT_OUT, HelpFormatter, alphas, load, pick_device, pick_dtype, positive,
+                    seed)
 from data import SEPARATOR
 from generate import complete_ids
 from llama import DEFAULT_MODEL
@@ -36,6 +41,8 @@ def parse_args(argv=None):
     add("--alpha", type=float, default=None,
         help="override the adapter's alpha (try 4 or 16 to watch the 'concussion'; "
         "default: the adapter's)")
+    add("--alpha-sweep", type=alphas, default=None, metavar="A,B,...",
+        help="write each prompt at each of these alphas, e.g. 0,0.25,1,4,16 (default: once)")
     add("--max-new-tokens", type=positive(int), default=32, help="upper bound on generated tokens")
     add("--temperature", type=float, default=0.0, help="0 = greedy")
     add("--top-k", type=positive(int), default=None,
@@ -52,6 +59,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
+    if args.alpha_sweep and (args.no_adapter or args.alpha is not None):
+        p.error(f"--alpha-sweep scales an adapter: it contradicts "
+                f"{'--no-adapter' if args.no_adapter else '--alpha'}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan reaches the sampler
         p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0: off
@@ -98,6 +108,30 @@ def complete(model, tokenizer, prompts, args, device, dtype):
     return complete_ids(model, tokenizer, ids, args, device, dtype)
 
 
+def sweep(model, tokenizer, prompts, args, device, dtype):
+    """{alpha: completions of all prompts} for each --alpha-sweep alpha. The adapter stays apart
+    from W (not merged): set_alpha rescales the same B A in every LoraModule."""
+    if not lora.lora_modules(model):
+        raise ValueError("--alpha-sweep needs an adapter, and none was loaded (pass --adapter)")
+    by_alpha = {}
+    for alpha in args.alpha_sweep:
+        lora.set_alpha(model, alpha)
+        by_alpha[alpha] = complete(model, tokenizer, prompts, args, device, dtype)
+    return by_alpha
+
+
+def print_sweep(prompts, by_alpha, jsonl):
+    """One block per prompt, one line per alpha: the completions side by side, newlines shown as
+    \\n (repr) so that each stays on its line. --jsonl: {"prompt", "alpha", "completion"} rows."""
+    width = max(len(f"{alpha:g}") for alpha in by_alpha)
+    for i, prompt in enumerate(prompts):
+        if not jsonl:
+            print(prompt)
+        for alpha, completions in by_alpha.items():
+            row = {"prompt": prompt, "alpha": alpha, "completion": completions[i]}
+            print(json.dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -106,16 +140,23 @@ def main(argv=None):
         dtype = pick_dtype(args.dtype, device)
         model, tokenizer = load(args, device, dtype, "sample.py")
         prompts = shape_prompts(prompts)  # its note after load's lines, and only if it loaded
-        # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
-        # token costs the base model's products, not two more small ones (and casts) per Linear.
-        lora.merge_lora(model)
-        completions = complete(model, tokenizer, prompts, args, device, dtype)
+        if args.alpha_sweep:
+            by_alpha = sweep(model, tokenizer, prompts, args, device, dtype)
+        else:
+            # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
+            # token costs the base model's products, not two more small ones (and casts) per
+            # Linear.
+            lora.merge_lora(model)
+            completions = complete(model, tokenizer, prompts, args, device, dtype)
     except (ValueError, TypeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to clean up
         print("sample.py: interrupted", file=sys.stderr)
         return 130
+    if args.alpha_sweep:
+        print_sweep(prompts, by_alpha, args.jsonl)
+        return 0
     for prompt, completion in zip(prompts, completions):
         row = {"prompt": prompt, "completion": completion}
         print(json.dumps(row) if args.jsonl else prompt + completion)

@@ -15,6 +15,7 @@ import torch
 
 import export
 import generate
+import lora
 import sample
 from data import QuoteTokenizer, prompt_text
 from llama import DEFAULT_MODEL, Llama
@@ -53,18 +54,19 @@ def by_hand(trained):
     base, adapted = Llama.from_pretrained(model_dir), Llama.from_pretrained(model_dir)
     export.load_adapter(adapted, out)
 
-    def greedy(model, prompt):
-        ids, new = [tokenizer.bos_id] + tokenizer.encode(prompt), []
-        for _ in range(NEW_TOKENS):
-            with torch.no_grad():
-                token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-            if token in model.config.eos_token_ids:
-                break
-            new.append(token)
-        return tokenizer.decode(new)
+    return {"adapter": [greedy(adapted, tokenizer, p) for p in PROMPTS],
+            "base": [greedy(base, tokenizer, p) for p in PROMPTS]}
 
-    return {"adapter": [greedy(adapted, p) for p in PROMPTS],
-            "base": [greedy(base, p) for p in PROMPTS]}
+
+def greedy(model, tokenizer, prompt):
+    ids, new = [tokenizer.bos_id] + tokenizer.encode(prompt), []
+    for _ in range(NEW_TOKENS):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+        if token in model.config.eos_token_ids:
+            break
+        new.append(token)
+    return tokenizer.decode(new)
 
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-new-tokens", NEW_TOKENS]
@@ -300,3 +302,61 @@ def test_help_shows_every_default(capsys):
     assert entries["--dtype"].endswith("(default: auto)")
     assert f"else {DEFAULT_MODEL}" in entries["--model"]
     assert "(default:" not in entries["--jsonl"]  # a switch: off unless given
+
+
+# ----------------------------------------------------------------------------- --alpha-sweep
+
+def test_alpha_sweep_writes_each_prompt_at_each_alpha(trained, by_hand, capsys):
+    """Oracle: greedy by hand with the adapter at each alpha; alpha 0 is the base, the adapter's
+    own alpha the adapter."""
+    model_dir, out = trained
+    own = export.read_adapter(out)[1]["alpha"]
+    sweep = [0.0, own, 6.0]
+    rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--alpha-sweep",
+                           ",".join(map(str, sweep)), *PROMPTS[:2])
+    assert [(row["prompt"], row["alpha"]) for row in rows] == [
+        (p, a) for p in PROMPTS[:2] for a in sweep]  # a block per prompt, a row per alpha
+    tokenizer = QuoteTokenizer.from_model_dir(model_dir)
+    adapted = Llama.from_pretrained(model_dir)
+    export.load_adapter(adapted, out)
+    lora.set_alpha(adapted, 6.0)
+    at_6 = [greedy(adapted, tokenizer, p) for p in PROMPTS[:2]]
+    expected = {0.0: by_hand["base"][:2], own: by_hand["adapter"][:2], 6.0: at_6}
+    for row in rows:
+        assert row["completion"] == expected[row["alpha"]][PROMPTS.index(row["prompt"])]
+    assert at_6 != by_hand["adapter"][:2]  # the sweep shows a change
+
+
+def test_alpha_sweep_prints_a_block_per_prompt(trained, capsys):
+    model_dir, out = trained
+    assert sample.main(["--adapter", str(out), "--model", str(model_dir), *map(str, FLAGS),
+                        "--alpha-sweep", "0,0.25,16", PROMPTS[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == PROMPTS[0]
+    assert [line.split()[:2] for line in lines[1:]] == [["alpha", "0"], ["alpha", "0.25"],
+                                                        ["alpha", "16"]]
+    assert all(re.fullmatch(r"  alpha [0-9.]+ +'.*'", line) for line in lines[1:])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha-sweep", "1,-2"],
+     "argument --alpha-sweep: '1,-2': each alpha must be a finite number >= 0, got -2.0"),
+    (["--alpha-sweep", "1", "--no-adapter"],
+     "--alpha-sweep scales an adapter: it contradicts --no-adapter"),
+    (["--alpha-sweep", "1", "--alpha", "2"],
+     "--alpha-sweep scales an adapter: it contradicts --alpha"),
+], ids=["negative", "no_adapter", "with_alpha"])
+def test_bad_alpha_sweeps_are_refused(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main([*argv, "x | tags:"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"sample.py: error: {message}"
+
+
+def test_alpha_sweep_without_any_adapter_says_so(trained, tmp_path, monkeypatch, capsys):
+    model_dir, _ = trained
+    monkeypatch.chdir(tmp_path)  # no out/ here
+    assert sample.main(["--model", str(model_dir), *map(str, FLAGS), "--alpha-sweep", "0,1",
+                        "x | tags:"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sample.py: error: --alpha-sweep needs an adapter, and none was loaded (pass --adapter)")
