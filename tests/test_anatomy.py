@@ -200,3 +200,8 @@ def test_lora_py_help_lists_both_commands():
     assert bare.returncode == 2
     assert bare.stderr.splitlines()[-1] == (
         "lora.py: error: the following arguments are required: command")
+    typo = subprocess.run([sys.executable, "lora.py", "show"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert typo.returncode == 2
+    assert typo.stderr.splitlines()[-1] == ("lora.py: error: argument command: invalid choice: "
+                                            "'show' (choose from 'export', 'inspect')")

@@ -205,3 +205,14 @@ def test_alpha_sweep_without_an_adapter_is_refused(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "eval.py: error: --alpha-sweep scales an adapter: it contradicts --no-adapter")
+
+
+def test_plot_without_matplotlib_is_refused_before_loading(run, capsys, monkeypatch):
+    out, _ = run
+    monkeypatch.setattr(eval_py, "can_plot", lambda: False)
+    monkeypatch.setattr(eval_py, "load", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", "x.png", *FLAGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "eval.py: error: --plot needs matplotlib: pip install matplotlib")
