@@ -272,6 +272,7 @@ def bench(args):
     for name in names if args.mem_batches > 0 else []:
         log(f"peak memory of {name}: a fresh process ...")
         memory[name] = measure_memory(args, name, sorted(largest[:args.mem_batches]))
+        log(f"peak memory of {name}: {memory[name]['peak_mem_mb']:,.0f} MB")
 
     ours = Ours(args, device, dtype)
     sides = [ours]
