@@ -27,7 +27,7 @@ import export
 import lora
 from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step,
                          validation_loss)
-from common import HelpFormatter, autocast, pick_device, pick_dtype, positive, seed
+from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed
 from hub import resolve_model_dir
 
 def count(text):
@@ -45,7 +45,8 @@ def parse_args(argv=None):
                    help="hub dataset id or local quotes JSONL file")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="compute dtype: the frozen base is stored in it and autocast runs in it")
+                   help="compute dtype: the frozen base is stored in it and autocast runs in it "
+                        "(float16 with train.py's loss scaling); auto as train.py")
     p.add_argument("--batch-size", type=positive(int), default=8, help="quotes per step")
     p.add_argument("--steps", type=positive(int), default=20, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=count, default=2,
@@ -127,9 +128,11 @@ def train_flops(config, lengths, n_supervised, r, targets):
     return config.num_hidden_layers * (sum(lengths) * per_token + attention) + head
 
 
-def matmul_peak(device, dtype, size=2048, reps=8):
+def matmul_peak(device, dtype, size=None, reps=8):
     """Best FLOP/s of one large square matmul in the compute dtype: the ceiling MFU is taken
-    against."""
+    against. 8192 on a GPU (at 2048 a recent card finishes in microseconds, and the launch
+    would be timed, not the arithmetic), 2048 elsewhere."""
+    size = size or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
@@ -248,7 +251,7 @@ def bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype, why = dtype_choice(args.dtype, device)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = resolve_model_dir(args.model)
     train_set, val_set, tokenizer, _ = data.load_dataset(model_dir, args.data, args.max_len, 0.1,
@@ -279,9 +282,10 @@ def bench(args):
     if args.peft:
         sides.append(Peft(args, device, dtype, start=adapter_weights(ours.model)))
     log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, "
-        f"{device} {str(dtype)[6:]}, LoRA r={args.r} on {','.join(args.target_list)}; "
+        f"{device} {str(dtype)[6:]} ({why}), LoRA r={args.r} on {','.join(args.target_list)}; "
         f"sides: {', '.join(s.name for s in sides)}")
     result = {"model": args.model, "device": device, "dtype": str(dtype).removeprefix("torch."),
+              "dtype_reason": why,
               "batch_size": args.batch_size, "steps": args.steps, "checks": {}}
     times, losses = time_training(sides, train_batches, args, device, dtype, result)
     if args.profile:
