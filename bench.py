@@ -69,8 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true",
                    help="activation checkpointing in our model (Llama.recompute): less memory, "
                         "one more forward")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile our decoder layers (compile time reported)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile our decoder layers (compile time reported); BACKEND "
+                        "'eager' only traces them, in seconds, to check the path (default "
+                        "inductor)")
     p.add_argument("--threads", type=positive(int), default=None,
                    help="torch.set_num_threads (default: torch's)")
     p.add_argument("--val-batches", type=count, default=4,
@@ -346,6 +348,7 @@ def time_training(sides, train_batches, args, device, dtype, result):
                      for s in sides))
     peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
     result["matmul_peak_tflops"] = peak / 1e12
+    result["compile"] = args.compile  # the backend, or None
     result["compile_s"] = times["ours"][0] if args.compile else None  # the first step compiles
     for s in sides:
         result[s.name] = summarize(times[s.name][args.warmup:], tokens, flops, peak)

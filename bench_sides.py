@@ -41,7 +41,7 @@ class Ours:
         if args.compile and not plain:
             # one compiled graph serves every layer: same code
             for layer in self.model.model.layers:
-                layer.compile(dynamic=True)
+                layer.compile(dynamic=True, backend=args.compile)
         self.model.train()
         self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr,
                                            weight_decay=0.0)

@@ -174,3 +174,27 @@ def test_recompute_gives_the_same_loss_and_gradients(setup):
         grads.append([p.grad for p in lora.lora_parameters(side.model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_takes_an_optional_backend():
+    """--compile alone is inductor (what a GPU session measures); --compile eager only traces
+    the layers, which the CPU dry run of scripts/gpu_check.sh uses to check the path in
+    seconds."""
+    assert bench.parse_args([]).compile is None
+    assert bench.parse_args(["--compile"]).compile == "inductor"
+    assert bench.parse_args(["--compile", "eager", "--steps", "3"]).compile == "eager"
+
+
+def test_ours_compiled_with_the_eager_backend_gives_the_same_loss_and_gradients(setup):
+    folder, data = setup
+    batch = first_batch(folder, data)
+    grads, losses = [], []
+    for flags in ([], ["--compile", "eager"]):
+        side = bench_sides.Ours(args_for(folder, data, *flags), "cpu", torch.float32)
+        loss = side.loss_sum(batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in lora.lora_parameters(side.model)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
