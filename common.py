@@ -101,8 +101,8 @@ def dtype_choice(name, device):
       CUDA before 7.0: float32 (no tensor cores: half precision buys no speed).
       MPS: float16, the dtype MPS autocast supports on every macOS (bf16 needs macOS 14).
       CPU: bfloat16 where it has bf16 units (AVX512-BF16 or AMX), float32 elsewhere: without
-        them a bf16 product is emulated, about 100x slower (README, "Which device, which
-        dtype").
+        them a bf16 product is emulated, a hundred times slower or more (README, "Which
+        device, which dtype").
     A dtype named by --dtype is taken as given."""
     if name != "auto":
         return getattr(torch, name), "as --dtype asked"
@@ -122,7 +122,7 @@ def dtype_choice(name, device):
     if units:
         return torch.bfloat16, f"this CPU has bf16 units ({units})"
     return torch.float32, ("this CPU has no bf16 units (AVX512-BF16, AMX): bf16 would be "
-                           "emulated, about 100x slower")
+                           "emulated, 100x slower or more")
 
 
 def cpu_flags():

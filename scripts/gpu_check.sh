@@ -2,8 +2,8 @@
 # What a session lent a GPU checks, in one command that ends within 8 minutes on one card.
 #
 #   bash scripts/gpu_check.sh                 on a machine with an NVIDIA GPU
-#   bash scripts/gpu_check.sh --cpu-dry-run   the same steps on the CPU, on a tiny model and short
-#                                             settings, in a minute or two (tests/test_gpu_check.py)
+#   bash scripts/gpu_check.sh --cpu-dry-run   the same steps on the CPU, on a tiny model and
+#                                             short settings (tests/test_gpu_check.py)
 #
 # The steps, in this order, each under `timeout` and all under one deadline (GPU_CHECK_BUDGET
 # seconds, 460 by default; a step that would start too late is recorded as not run):
@@ -66,6 +66,11 @@ step() {
         echo "## $name"
         echo
     } >> "$RESULTS"
+    if [ -n "$STOP" ]; then
+        echo "not run: $STOP" >> "$RESULTS"
+        SUMMARY+=("| $name | not run ($STOP) | 0 |")
+        return
+    fi
     if [ "$limit" -lt 10 ]; then
         echo "not run: out of time (${left}s left of the budget)" >> "$RESULTS"
         SUMMARY+=("| $name | not run (out of time) | 0 |")
@@ -87,6 +92,7 @@ step() {
         echo '```'
     } >> "$RESULTS"
     SUMMARY+=("| $name | $status | $seconds |")
+    LAST="$status"
 }
 
 # ----------------------------------------------------------------------------- the settings
@@ -212,14 +218,17 @@ fi
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET:-460}))
 SUMMARY=()
+STOP=""  # set when a failed step leaves the others nothing to run on
 mkdir -p "$LOGS"
 {
     echo "# gpu_check $([ "$DRY" = 1 ] && echo "(--cpu-dry-run)")"
     echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    commit="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
 } > "$RESULTS"
 
 step "setup" 120 setup
+case "${LAST:-}" in ok|"") ;; *) STOP="setup failed" ;; esac  # "": not run, out of time
 step "models" 90 write_models
 if [ -n "$SMOLLM2" ] && [ -d "$SMOLLM2" ]; then export LORA_TEST_SMOLLM2="$SMOLLM2"; fi
 step "device tests" 90 "$PY" -m pytest -q -p no:cacheprovider "${DEVICE_TESTS[@]}"

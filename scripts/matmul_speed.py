@@ -62,7 +62,7 @@ def main(argv=None):
     for name in args.dtypes.split(","):
         result[name] = gflops(args.device, getattr(torch, name), args.m, args.k, args.n,
                               args.reps)
-        print(f"{name:9} {result[name]:10.1f} GFLOP/s", flush=True)
+        print(f"{name:9} {result[name]:10.3g} GFLOP/s", flush=True)
     if args.json:
         print(json.dumps(result))
 

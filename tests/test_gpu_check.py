@@ -81,3 +81,16 @@ def test_an_unknown_argument_is_refused_with_the_usage(tmp_path):
     assert (done.returncode, done.stderr) == (
         2, "usage: bash scripts/gpu_check.sh [--cpu-dry-run]\n")
     assert not (tmp_path / "gpu_check.md").exists()
+
+
+def test_without_a_gpu_the_real_run_stops_after_setup_and_says_why(tmp_path):
+    """Without --cpu-dry-run on a machine with no CUDA device: setup fails naming the flag, and
+    no other step runs (each would fail on the missing GPU, minutes later)."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU: the real run would start")
+    done = gpu_check(tmp_path)
+    assert done.returncode == 1
+    found = sections((tmp_path / "gpu_check.md").read_text())
+    assert found["setup"].strip().startswith("FAILED (exit 1)")
+    assert "no CUDA device: run with --cpu-dry-run on a machine without a GPU" in found["setup"]
+    assert all(found[name].strip() == "not run: setup failed" for name in STEPS[1:])
