@@ -130,21 +130,27 @@ def train_flops(config, lengths, n_supervised, r, targets):
     return config.num_hidden_layers * (sum(lengths) * per_token + attention) + head
 
 
-def matmul_peak(device, dtype, size=None, reps=8):
-    """Best FLOP/s of one large square matmul in the compute dtype: the ceiling MFU is taken
-    against. 8192 on a GPU (at 2048 a recent card finishes in microseconds, and the launch
-    would be timed, not the arithmetic), 2048 elsewhere."""
-    size = size or (8192 if device.startswith("cuda") else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
+def matmul_peak(device, dtype, max_size=None, reps=8):
+    """Best FLOP/s of a large square matmul in the compute dtype: the ceiling MFU is taken
+    against. The size doubles from 256 until one product takes 50 ms, enough to time the
+    arithmetic rather than the launch, or reaches max_size: 8192 on a GPU (at 2048 a recent
+    card finishes in microseconds), 2048 elsewhere. An emulated dtype (bf16 on a CPU without
+    bf16 units, 0.2 GFLOP/s) stops at 256 instead of spending half an hour at 2048."""
+    max_size = max_size or (8192 if device.startswith("cuda") else 2048)
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(reps + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        if best >= 0.05 or size >= max_size:
+            return 2 * size ** 3 / best
+        size *= 2
 
 
 # ----------------------------------------------------------------------------- peak memory
