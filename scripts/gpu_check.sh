@@ -148,12 +148,25 @@ fi
 
 # ----------------------------------------------------------------------------- the steps
 
+missing() {  # the modules of "$@" that this python cannot import
+    "$PY" -c "import importlib.util, sys
+print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))" "$@"
+}
+
 setup() {
-    if ! "$PY" -c "import importlib.util, sys
-sys.exit(any(importlib.util.find_spec(m) is None for m in ('torch', 'tokenizers', 'safetensors',
-    'huggingface_hub', 'numpy', 'pytest', 'transformers', 'peft')))" 2>/dev/null; then
-        echo "a package is missing: pip install -r requirements-dev.txt"
-        "$PY" -m pip install -q -r requirements-dev.txt || return 1
+    local core=(torch tokenizers safetensors huggingface_hub numpy pytest transformers peft)
+    local need
+    need="$(missing "${core[@]}" hypothesis matplotlib)"
+    if [ -n "$need" ]; then
+        echo "missing: $need; pip install -r requirements-dev.txt"
+        # one retry, 10 s each: a machine without a network says so in seconds, not minutes
+        PIP_RETRIES=1 PIP_TIMEOUT=10 "$PY" -m pip install -q -r requirements-dev.txt \
+            || echo "pip install failed; the tests that need what is missing fail"
+        need="$(missing "${core[@]}")"
+        if [ -n "$need" ]; then
+            echo "cannot run without: $need"
+            return 1
+        fi
     fi
     "$PY" - "$DEVICE" <<'EOF'
 import platform, sys
