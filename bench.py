@@ -28,7 +28,7 @@ import export
 import lora
 from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step,
                          validation_loss)
-from common import HelpFormatter, autocast, pick_device, pick_dtype, positive, seed
+from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed
 from hub import resolve_model_dir
 
 def count(text):
@@ -46,7 +46,8 @@ def parse_args(argv=None):
                    help="hub dataset id or local quotes JSONL file")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="compute dtype: the frozen base is stored in it and autocast runs in it")
+                   help="compute dtype: the frozen base is stored in it and autocast runs in it "
+                        "(float16 with train.py's loss scaling); auto as train.py")
     p.add_argument("--batch-size", type=positive(int), default=8, help="quotes per step")
     p.add_argument("--steps", type=positive(int), default=20, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=count, default=2,
@@ -69,8 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true",
                    help="activation checkpointing in our model (Llama.recompute): less memory, "
                         "one more forward")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile our decoder layers (compile time reported)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile our decoder layers (compile time reported); BACKEND "
+                        "'eager' only traces them, in seconds, to check the path (default "
+                        "inductor)")
     p.add_argument("--threads", type=positive(int), default=None,
                    help="torch.set_num_threads (default: torch's)")
     p.add_argument("--val-batches", type=count, default=4,
@@ -128,19 +131,27 @@ def train_flops(config, lengths, n_supervised, r, targets):
     return config.num_hidden_layers * (sum(lengths) * per_token + attention) + head
 
 
-def matmul_peak(device, dtype, size=2048, reps=8):
-    """Best FLOP/s of one large square matmul in the compute dtype: the ceiling MFU is taken
-    against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
+def matmul_peak(device, dtype, max_size=None, reps=8):
+    """Best FLOP/s of a large square matmul in the compute dtype: the ceiling MFU is taken
+    against. The size doubles from 256 until one product takes 50 ms, enough to time the
+    arithmetic rather than the launch, or reaches max_size: 8192 on a GPU (at 2048 a recent
+    card finishes in microseconds), 2048 elsewhere. An emulated dtype (bf16 on a CPU without
+    bf16 units, 0.2 GFLOP/s) stops at 256 instead of spending half an hour at 2048."""
+    max_size = max_size or (8192 if device.startswith("cuda") else 2048)
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(reps + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        if best >= 0.05 or size >= max_size:
+            return 2 * size ** 3 / best
+        size *= 2
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -249,7 +260,7 @@ def bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype, why = dtype_choice(args.dtype, device)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = resolve_model_dir(args.model)
     train_set, val_set, tokenizer, _ = data.load_dataset(model_dir, args.data, args.max_len, 0.1,
@@ -272,6 +283,7 @@ def bench(args):
     for name in names if args.mem_batches > 0 else []:
         log(f"peak memory of {name}: a fresh process ...")
         memory[name] = measure_memory(args, name, sorted(largest[:args.mem_batches]))
+        log(f"peak memory of {name}: {memory[name]['peak_mem_mb']:,.0f} MB")
 
     ours = Ours(args, device, dtype)
     sides = [ours]
@@ -280,9 +292,10 @@ def bench(args):
     if args.peft:
         sides.append(Peft(args, device, dtype, start=adapter_weights(ours.model)))
     log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, "
-        f"{device} {str(dtype)[6:]}, LoRA r={args.r} on {','.join(args.target_list)}; "
+        f"{device} {str(dtype)[6:]} ({why}), LoRA r={args.r} on {','.join(args.target_list)}; "
         f"sides: {', '.join(s.name for s in sides)}")
     result = {"model": args.model, "device": device, "dtype": str(dtype).removeprefix("torch."),
+              "dtype_reason": why,
               "batch_size": args.batch_size, "steps": args.steps, "checks": {}}
     times, losses = time_training(sides, train_batches, args, device, dtype, result)
     if args.profile:
@@ -346,6 +359,7 @@ def time_training(sides, train_batches, args, device, dtype, result):
                      for s in sides))
     peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
     result["matmul_peak_tflops"] = peak / 1e12
+    result["compile"] = args.compile  # the backend, or None
     result["compile_s"] = times["ours"][0] if args.compile else None  # the first step compiles
     for s in sides:
         result[s.name] = summarize(times[s.name][args.warmup:], tokens, flops, peak)

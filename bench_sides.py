@@ -13,7 +13,7 @@ import torch
 import data
 import kernels
 import lora
-from common import autocast
+from common import autocast, grad_scaler
 from hub import resolve_model_dir
 from llama import Llama, LlamaConfig
 from generate import generate, until_eos
@@ -40,10 +40,11 @@ class Ours:
         if args.compile and not plain:
             # one compiled graph serves every layer: same code
             for layer in self.model.model.layers:
-                layer.compile(dynamic=True)
+                layer.compile(dynamic=True, backend=args.compile)
         self.model.train()
         self.optimizer = torch.optim.AdamW(lora.lora_parameters(self.model), lr=args.lr,
                                            weight_decay=0.0)
+        self.scaler = grad_scaler(device, dtype)  # float16: train.py's loss scaling
         self.merged = False
 
     def loss_sum(self, batch):
@@ -84,6 +85,8 @@ class Peft:
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=args.lr, weight_decay=0.0)
+        # float16: loss scaling as their docs advise (PEFT keeps adapters float32 for it)
+        self.scaler = grad_scaler(device, dtype)
         self.merged = False
 
     def loss_sum(self, batch):
@@ -150,14 +153,16 @@ def sync(device):
 
 
 def train_step(side, batch, device, dtype):
-    """Forward, loss, backward, AdamW: train.py's step on one batch. Returns (loss, seconds)."""
+    """Forward, loss, backward, AdamW: train.py's step on one batch, float16's loss scaling
+    included. Returns (loss, seconds)."""
     sync(device)
     t0 = time.perf_counter()
     n = data.count_supervised(batch)
     with autocast(device, dtype):
         loss_sum = side.loss_sum(batch)
-    (loss_sum / n).backward()
-    side.optimizer.step()
+    side.scaler.scale(loss_sum / n).backward()
+    side.scaler.step(side.optimizer)
+    side.scaler.update()
     side.optimizer.zero_grad(set_to_none=True)
     loss = loss_sum.item() / n  # .item() waits for the device, so the time is the step's
     return loss, time.perf_counter() - t0

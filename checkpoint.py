@@ -1,8 +1,8 @@
 """What a training run leaves in its --out folder, and how a run picks it up again.
 
     out/run.json          the settings (RUN_FLAGS); --resume refuses other settings
-    out/checkpoint.pt     adapter, AdamW moments, position in the data, RNG states (resume bit
-                          for bit)
+    out/checkpoint.pt     adapter, AdamW moments, position in the data, RNG states, float16's
+                          loss scale (resume bit for bit)
     out/adapter.safetensors   the LoRA tensors alone, for sample.py and lora.py export
     out/metrics.jsonl     one JSON object per step and per evaluation
     out/loss.png          with --plot: the curves of metrics.jsonl
@@ -60,8 +60,10 @@ class Run:
     checkpoint) and, on rank 0, makes the first write into --out: a run that failed before this
     left --out as it was."""
 
-    def __init__(self, args, raw_model, optimizer, master):
+    def __init__(self, args, raw_model, optimizer, master, scaler=None):
         self.args, self.raw_model, self.optimizer, self.master = args, raw_model, optimizer, master
+        self.scaler = scaler  # common.grad_scaler: float16's loss scale, checkpointed with AdamW
+        self.skipped = 0  # steps skipped because float16 gradients overflowed (train_step)
         self.out = Path(args.out)
         self.stop = StopRequest()
         self.signal = None  # the signal that ended the run, if one did
@@ -78,8 +80,8 @@ class Run:
         dropped."""
         position = {"epoch": 0, "batches_done": 0, "step": 0}
         if self.args.resume:
-            position = load_checkpoint(self.out, self.raw_model, self.optimizer)
-            self.saved = position["step"]
+            position = load_checkpoint(self.out, self.raw_model, self.optimizer, self.scaler)
+            self.saved, self.skipped = position["step"], position["skipped_steps"]
             if self.master:
                 print(f"resuming the run in {self.out} after step {position['step']} "
                       f"(epoch {position['epoch'] + 1}, batch {position['batches_done'] + 1})",
@@ -92,6 +94,16 @@ class Run:
         if self.master:
             self.metrics.log(**row)
 
+    def loss_scaling(self, skipped):
+        """The metrics of float16's loss scaling for a step's row: whether the step was skipped
+        (its gradients overflowed), how many were so far, and the scale the next step uses.
+        Nothing in bf16 and float32, where no step is ever skipped."""
+        self.skipped += skipped
+        if self.scaler is None or not self.scaler.is_enabled():
+            return {}
+        return {"skipped": skipped, "skipped_steps": self.skipped,
+                "loss_scale": self.scaler.get_scale()}
+
     def check_finite(self, loss, step):
         """train_step did not apply a step on an inf or NaN loss: the weights, and the checkpoint
         in --out, are still the good ones. Stop, and say which checkpoint is kept."""
@@ -100,8 +112,10 @@ class Run:
         kept = "no checkpoint yet"
         if self.saved is not None:
             kept = f"the checkpoint of step {self.saved} in {self.out} is kept"
-        raise FloatingPointError(f"loss became {loss} at step {step}; stopped, {kept} "
-                                 "(try a lower --lr or --alpha)")
+        hint = "try a lower --lr or --alpha"
+        if self.scaler is not None and self.scaler.is_enabled():  # loss scaling cannot help
+            hint += ", or --dtype bfloat16 or float32: float16 stops at 65504"
+        raise FloatingPointError(f"loss became {loss} at step {step}; stopped, {kept} ({hint})")
 
     def is_last_step(self, step, sig):
         """--max-steps reached, or the signal `sig` came (the one all ranks agree on, from
@@ -127,8 +141,10 @@ class Run:
 
     def save(self, epoch, batches_done, step, alpha):
         if self.master:
-            position = {"epoch": epoch, "batches_done": batches_done, "step": step, "alpha": alpha}
-            save_checkpoint(self.out, self.raw_model, self.optimizer, position, self.args.model)
+            position = {"epoch": epoch, "batches_done": batches_done, "step": step, "alpha": alpha,
+                        "skipped_steps": self.skipped}
+            save_checkpoint(self.out, self.raw_model, self.optimizer, position, self.args.model,
+                            self.scaler)
         self.saved, self.saved_epoch = step, epoch
 
     def finish(self, step):
@@ -143,13 +159,17 @@ class Run:
         if not self.master:
             return 0
         adapter = self.out / export.ADAPTER_FILE
+        skipped = ""
+        if self.skipped:
+            skipped = (f" ({self.skipped} skipped: float16 gradients overflowed, the loss scale "
+                       "was lowered)")
         if self.max_steps_reached and self.saved_epoch < self.args.epochs:  # mid-run
-            print(f"reached --max-steps {self.args.max_steps} at step {step} (epoch "
+            print(f"reached --max-steps {self.args.max_steps} at step {step}{skipped} (epoch "
                   f"{self.saved_epoch + 1}/{self.args.epochs}): adapter saved in {adapter}; "
                   "--resume with a larger --max-steps, or none, goes on", file=sys.stderr)
         else:
-            print(f"done: {self.args.epochs} epoch(s), {step} steps; adapter saved in {adapter}",
-                  file=sys.stderr)
+            print(f"done: {self.args.epochs} epoch(s), {step} steps{skipped}; adapter saved in "
+                  f"{adapter}", file=sys.stderr)
         if self.args.plot:
             print(f"wrote {plot(self.out)}", file=sys.stderr)
         return 0
@@ -222,31 +242,39 @@ def prepare_out(args):
 
 # ----------------------------------------------------------------------------- checkpoint.pt
 
-def save_checkpoint(out, raw_model, optimizer, state, base_model):
-    """Adapter, optimizer moments, position in the data and every RNG: enough to resume bit for
-    bit. `state` is the position: epoch, batches_done (in that epoch), step, and alpha."""
+def save_checkpoint(out, raw_model, optimizer, state, base_model, scaler=None):
+    """Adapter, optimizer moments, float16's loss scale, position in the data and every RNG:
+    enough to resume bit for bit. `state` is the position: epoch, batches_done (in that epoch),
+    step, alpha and skipped_steps."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     ckpt = {"adapter": lora.lora_state_dict(raw_model), "optimizer": optimizer.state_dict(),
             "rng": rng, **state}
+    if scaler is not None and scaler.is_enabled():  # its scale, and its count of good steps
+        ckpt["scaler"] = scaler.state_dict()
     export.write_atomic(out / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
     export.save_adapter(raw_model, out / export.ADAPTER_FILE, base_model=base_model)
 
 
-def load_checkpoint(out, raw_model, optimizer):
+def load_checkpoint(out, raw_model, optimizer, scaler=None):
+    """Everything save_checkpoint stored back in place; returns the position (epoch,
+    batches_done, step, skipped_steps)."""
     ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     with torch.no_grad():
         for name, tensor in lora.lora_state_dict(raw_model).items():
             tensor.copy_(ckpt["adapter"][name])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return {k: ckpt[k] for k in ("epoch", "batches_done", "step")}
+    return {"skipped_steps": ckpt.get("skipped_steps", 0),  # 0 in a checkpoint from before
+            **{k: ckpt[k] for k in ("epoch", "batches_done", "step")}}
 
 
 # ----------------------------------------------------------------------------- metrics, loss.png

@@ -101,11 +101,77 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    """The compute dtype. 'auto': bfloat16 (several times faster than float32 on CPUs with bf16
-    units too), float32 on MPS."""
-    if name == "auto":
-        return torch.float32 if device == "mps" else torch.bfloat16
-    return getattr(torch, name)
+    """The compute dtype for --dtype `name` on `device` (dtype_choice without its reason)."""
+    return dtype_choice(name, device)[0]
+
+
+def dtype_choice(name, device):
+    """(dtype, why) for --dtype `name` on `device`: 'auto' takes the lowest precision that the
+    hardware computes natively, since an emulated one is slower than float32.
+
+      CUDA, compute capability 8.0 and up (A100, RTX 30xx, H100): bfloat16, native.
+      CUDA 7.x (V100, T4, RTX 20xx): float16 with loss scaling (train.py's GradScaler); their
+        tensor cores have no bf16, which runs emulated there, several times slower.
+      CUDA before 7.0: float32 (no tensor cores: half precision buys no speed).
+      MPS: float16, the dtype MPS autocast supports on every macOS (bf16 needs macOS 14).
+      CPU: bfloat16 where it has bf16 units (AVX512-BF16 or AMX), float32 elsewhere: without
+        them a bf16 product is emulated, a hundred times slower or more (README, "Which
+        device, which dtype").
+    A dtype named by --dtype is taken as given."""
+    if name != "auto":
+        return getattr(torch, name), "as --dtype asked"
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = f"compute capability {major}.{minor}"
+        if major >= 8:
+            return torch.bfloat16, f"{cc}: native bf16"
+        if major == 7:
+            return torch.float16, (f"{cc}: tensor cores in float16 (loss scaled), bf16 would be "
+                                   "emulated")
+        return torch.float32, f"{cc}: no tensor cores, half precision would not be faster"
+    if kind == "mps":
+        return torch.float16, "MPS autocast: float16 (loss scaled) on every macOS"
+    units = cpu_bf16_units()
+    if units:
+        return torch.bfloat16, f"this CPU has bf16 units ({units})"
+    return torch.float32, ("this CPU has no bf16 units (AVX512-BF16, AMX): bf16 would be "
+                           "emulated, 100x slower or more")
+
+
+def cpu_flags():
+    """The CPU's feature names: torch's view (torch.cpu.get_capabilities, PyTorch 2.7 and up)
+    and the kernel's (/proc/cpuinfo flags on Linux). An empty set when neither answers."""
+    flags = set()
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        flags |= {k for k, v in get().items() if v is True}
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((l for l in f if l.startswith("flags")), "")
+        flags |= set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return flags
+
+
+def cpu_bf16_units():
+    """'AMX' or 'AVX512-BF16' when the CPU multiplies bf16 natively (the units oneDNN uses for
+    PyTorch's bf16 products), else None."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def grad_scaler(device, dtype):
+    """Loss scaling, for float16 only. float16's smallest normal number is 6e-5 (bf16's 1e-38):
+    gradients below it lose digits or become 0, so the loss is multiplied by a large scale
+    before backward and the gradients divided by it before the step; a step whose gradients
+    overflowed to inf is skipped and the scale halved. Disabled (a no-op) for bf16 and float32."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
 
 
 def autocast(device, dtype):

@@ -118,6 +118,9 @@ class MLP(llama.MLP):
 # is slow on short samples. Forward and backward together, 8 samples on one core: ours 1.4x faster
 # at 64 tokens with SmolLM2's 9 heads, 1.9x with Llama-3.2-1B's 32, even at 128, half as fast at
 # 256 (its T x T float32 passes leave the cache): so it runs up to MAX_T_OWN_ATTENTION tokens.
+# On a GPU, SDPA's flash and memory-efficient kernels already keep only q, k, v, the output and
+# the logsumexp, fused in one launch: Attention below leaves them the job. The Function itself
+# runs on any device and dtype (tests/test_half.py checks it on each one there is).
 MAX_T_OWN_ATTENTION = 128
 
 

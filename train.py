@@ -25,8 +25,8 @@ import data
 import ddp
 import kernels
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, autocast, pick_device, pick_dtype, positive, seed,
-                    validation_loss)
+from common import (DEFAULT_OUT, HelpFormatter, autocast, dtype_choice, grad_scaler, pick_device,
+                    pick_dtype, positive, seed, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
@@ -65,8 +65,10 @@ def parse_args(argv=None):
     add("--device", default="auto",
         help="auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-        help="compute dtype: the frozen base is stored in it and autocast runs in it; "
-        "LoRA stays float32")
+        help="compute dtype: the frozen base is stored in it and autocast runs in it; LoRA and "
+        "AdamW stay float32; float16 scales the loss. auto: bfloat16 where the hardware has it "
+        "natively (CUDA 8.0+, CPUs with AVX512-BF16 or AMX), float16 on CUDA 7.x and MPS, "
+        "else float32; the first line says which and why")
     add("--seed", type=seed, default=0, help="seeds LoRA init, the split and the data order")
     add("--val-fraction", type=float, default=0.1, help="share of quotes held out for validation")
     add("--max-len", type=positive(int), default=256,
@@ -140,7 +142,8 @@ def train(args):
     if master:
         print(summary(args, model, info, device, dtype, world), file=sys.stderr)
 
-    run = checkpoint.Run(args, model, optimizer, master)  # --out, resume, metrics, stopping
+    scaler = grad_scaler(device, dtype)  # float16's loss scaling; a no-op in bf16 and float32
+    run = checkpoint.Run(args, model, optimizer, master, scaler)  # --out, resume, metrics, stop
     ddp.barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
     first_epoch, batches_done, step = run.start()
     raw_model, model = model, ddp.wrap(model, world, local_rank, device)
@@ -166,13 +169,14 @@ def train(args):
         for i, batch in enumerate(epoch_batches):
             if epoch == first_epoch and i < batches_done:
                 continue  # resuming mid-epoch: the order is a function of (seed, epoch)
-            loss = train_step(model, optimizer, batch, args, rank, world, device, dtype)
+            loss, skipped = train_step(model, optimizer, scaler, batch, args, rank, world,
+                                       device, dtype)
             step += 1
             run.check_finite(loss, step)
             tokens_seen += int(batch["lengths"].sum())
             speed = tokens_seen / (time.time() - t0)
             run.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
-                    tokens_per_s=speed)
+                    tokens_per_s=speed, **run.loss_scaling(skipped))
             # Every rank leaves after the same step: on --max-steps, or a signal any of them got.
             last = run.is_last_step(step, ddp.stop_signal(run.stop, world, device))
             if master:
@@ -192,25 +196,35 @@ def train(args):
     return status
 
 
-def train_step(model, optimizer, batch, args, rank, world, device, dtype):
+def train_step(model, optimizer, scaler, batch, args, rank, world, device, dtype):
     """One optimizer step on one global batch, skipped if the loss is not finite. Every rank sees
     the whole batch, takes its share of micro-batches (ddp.my_share), and divides by the supervised
     tokens of the whole batch: the gradient is then the same however the batch is split over
     ranks and micro-steps. With one process the share is the whole batch, cut into --grad-accum
-    micro-batches of weight 1 (a weight 0 only pads an empty share under DDP)."""
+    micro-batches of weight 1 (a weight 0 only pads an empty share under DDP).
+
+    In float16 the scaler (common.grad_scaler) multiplies the loss before backward, so that small
+    gradients stay above float16's smallest numbers, and divides the gradients by it again before
+    AdamW; when a gradient overflowed to inf or NaN it skips AdamW's step and halves the scale.
+    Returns (loss, skipped): skipped is True for such a step (never in bf16 or float32)."""
     n_supervised = data.count_supervised(batch)
     total = torch.zeros((), device=device)
     for micro, weight in ddp.my_share(model, batch, args.grad_accum, rank, world):
         micro = {k: v.to(device) for k, v in micro.items()}
         with autocast(device, dtype):
             loss_sum = masked_loss_sum(model, micro, args.loss) * weight
-        (loss_sum * world / n_supervised).backward()  # DDP averages over ranks; undo that
+        # DDP averages over ranks (undone by * world); the scale is 1 outside float16
+        scaler.scale(loss_sum * world / n_supervised).backward()
         total += loss_sum.detach()
     loss = ddp.sum_over_ranks(total, world).item() / n_supervised
+    skipped = False
     if math.isfinite(loss):  # a step on an inf or NaN loss would carry it into the weights
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # unscales, then optimizer.step() unless a gradient overflowed
+        scaler.update()  # halves the scale after an overflow, doubles it after 2000 good steps
+        skipped = scaler.get_scale() < scale  # ranks agree: they hold the same averaged grads
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss, skipped
 
 
 # ----------------------------------------------------------------------------- what it prints
@@ -221,7 +235,8 @@ def summary(args, model, info, device, dtype, world):
             f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
             f"{data.describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
-            f"{str(dtype).replace('torch.', '')}, {world} process(es)")
+            f"{str(dtype).replace('torch.', '')} ({dtype_choice(args.dtype, device)[1]}), "
+            f"{world} process(es)")
 
 
 _line_open = False  # a progress line on the terminal still waits for its newline

@@ -80,6 +80,8 @@ def untied(base_models):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
+    config.addinivalue_line("markers", "device: runs on every device of tests/devices.py "
+                            "(scripts/gpu_check.sh selects these with -m device)")
 
 
 @pytest.fixture

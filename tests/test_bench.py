@@ -5,6 +5,7 @@ on the same weights and batch (the two sides must do the same work), and the JSO
 asks for.
 """
 import json
+import types
 
 import pytest
 import torch
@@ -174,3 +175,55 @@ def test_recompute_gives_the_same_loss_and_gradients(setup):
         grads.append([p.grad for p in lora.lora_parameters(side.model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_takes_an_optional_backend():
+    """--compile alone is inductor (what a GPU session measures); --compile eager only traces
+    the layers, which the CPU dry run of scripts/gpu_check.sh uses to check the path in
+    seconds."""
+    assert bench.parse_args([]).compile is None
+    assert bench.parse_args(["--compile"]).compile == "inductor"
+    assert bench.parse_args(["--compile", "eager", "--steps", "3"]).compile == "eager"
+
+
+def test_ours_compiled_with_the_eager_backend_gives_the_same_loss_and_gradients(setup):
+    folder, data = setup
+    batch = first_batch(folder, data)
+    grads, losses = [], []
+    for flags in ([], ["--compile", "eager"]):
+        side = bench_sides.Ours(args_for(folder, data, *flags), "cpu", torch.float32)
+        loss = side.loss_sum(batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in lora.lora_parameters(side.model)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device, rate, sizes", [
+    ("cpu", 1e9, [256, 512]),  # emulated bf16: 512 already takes 0.27 s
+    ("cpu", 1e11, [256, 512, 1024, 2048]),  # float32 on a CPU: up to 2048, no further
+    ("cuda", 1e15, [256, 512, 1024, 2048, 4096, 8192]),  # a recent GPU: up to 8192
+], ids=["emulated", "cpu", "gpu"])
+def test_matmul_peak_grows_the_product_until_it_takes_50_ms(monkeypatch, device, rate, sizes):
+    """On a fake device that multiplies at `rate` FLOP/s: the sizes tried, and the rate found."""
+    clock, tried = [0.0], []
+
+    class Matrix:  # what torch.randn returns here: a product only moves the clock
+        def __init__(self, n):
+            self.n = n
+
+        def __matmul__(self, other):
+            clock[0] += 2 * self.n ** 3 / rate
+
+    def randn(n, m, device, dtype):
+        if not tried or tried[-1] != n:
+            tried.append(n)
+        return Matrix(n)
+
+    monkeypatch.setattr(bench.torch, "randn", randn)
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench.matmul_peak(device, torch.bfloat16) == pytest.approx(rate)
+    assert tried == sizes

@@ -65,8 +65,8 @@ def three_epochs(setup, tmp_path_factory):
         seen["optimized"] = list(params)
         return real_adamw(seen["optimized"], **kwargs)
 
-    def save_checkpoint(out, raw_model, optimizer, state, base_model):
-        real_save(out, raw_model, optimizer, state, base_model)
+    def save_checkpoint(out, raw_model, optimizer, state, base_model, scaler):
+        real_save(out, raw_model, optimizer, state, base_model, scaler)
         ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
         saved_alpha = export.read_adapter(out / export.ADAPTER_FILE)[1]["alpha"]
         seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
