@@ -234,19 +234,24 @@ def score(model, tokenizer, val, args, device, dtype):
 
 
 def plot_sweep(rows, trained, path, adapter):
-    """Validation loss (top) and tag F1 with the tag-shaped share (bottom) against alpha, on a log
-    axis; alpha 0 (the base) sits at a marked left edge, a quarter of the smallest alpha > 0.
-    Returns the path."""
+    """Validation loss (top, log scale) and tag F1 with the tag-shaped share (bottom) against
+    alpha, on a log axis; alpha 0 (the base) sits at a marked left edge, a quarter of the smallest
+    alpha > 0. Returns the path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     positive = [r["alpha"] for r in rows if r["alpha"] > 0]
     zero_at = min(positive) / 4 if positive else 1.0
     x = [r["alpha"] or zero_at for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, layout="constrained")
     top.plot(x, [r["val_loss"] for r in rows], "o-")
-    top.set_ylabel("validation loss (per tag token)")
+    top.set_yscale("log")  # from about 2 at the best alpha to tens when it breaks
+    top.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 2, 5, 10, 20
+    top.yaxis.set_major_formatter("{x:g}")  # 2, not 2 x 10^0
+    top.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    top.set_ylabel("validation loss per tag token (log)")
     bottom.plot(x, [r["f1"] for r in rows], "o-", label="tag F1")
     bottom.plot(x, [r["tag_shaped"] for r in rows], "s--", label="tag-shaped share")
     bottom.set_ylabel("share")
