@@ -26,9 +26,9 @@ import torch
 import data
 import export
 import lora
-from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, sync, train_step,
+from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
-from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed
+from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed, sync
 from hub import resolve_model_dir
 
 def count(text):

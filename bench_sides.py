@@ -13,7 +13,7 @@ import torch
 import data
 import kernels
 import lora
-from common import autocast, grad_scaler
+from common import autocast, grad_scaler, scaled_step, sync
 from hub import resolve_model_dir
 from llama import Llama, LlamaConfig
 from generate import generate, until_eos
@@ -147,11 +147,6 @@ def copy_adapter(weights, peft_model):
 
 # ----------------------------------------------------------------------------- one step, timed
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def train_step(side, batch, device, dtype):
     """Forward, loss, backward, AdamW: train.py's step on one batch, float16's loss scaling
     included. Returns (loss, seconds)."""
@@ -161,8 +156,7 @@ def train_step(side, batch, device, dtype):
     with autocast(device, dtype):
         loss_sum = side.loss_sum(batch)
     side.scaler.scale(loss_sum / n).backward()
-    side.scaler.step(side.optimizer)
-    side.scaler.update()
+    scaled_step(side.scaler, side.optimizer)
     side.optimizer.zero_grad(set_to_none=True)
     loss = loss_sum.item() / n  # .item() waits for the device, so the time is the step's
     return loss, time.perf_counter() - t0

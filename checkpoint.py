@@ -94,10 +94,10 @@ class Run:
         if self.master:
             self.metrics.log(**row)
 
-    def loss_scaling(self, skipped):
-        """The metrics of float16's loss scaling for a step's row: whether the step was skipped
-        (its gradients overflowed), how many were so far, and the scale the next step uses.
-        Nothing in bf16 and float32, where no step is ever skipped."""
+    def count_step(self, skipped):
+        """Count a step that float16's loss scaling skipped (its gradients overflowed), and
+        return the fields of the step's metrics row: whether it was skipped, how many were so
+        far, and the scale the next step uses. Nothing in bf16 and float32, which never skip."""
         self.skipped += skipped
         if self.scaler is None or not self.scaler.is_enabled():
             return {}
@@ -190,8 +190,17 @@ def check_out(args):
                                     "nothing to resume")
         theirs = json.loads((out / "run.json").read_text())
         mine = {k: getattr(args, k) for k in RUN_FLAGS}
+        flags = RUN_FLAGS
+        if "compute_dtype" in theirs:
+            # What counts is the dtype the run computed in: --dtype auto picks by the hardware,
+            # and --dtype bfloat16 where auto chose bfloat16 resumes the same run.
+            flags = [k for k in RUN_FLAGS if k != "dtype"]
         changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {mine[k]!r}"
-                   for k in RUN_FLAGS if theirs.get(k) != mine[k]]
+                   for k in flags if theirs.get(k) != mine[k]]
+        was = theirs.get("compute_dtype", args.compute_dtype)  # runs before 2026-11-30: no key
+        if was != args.compute_dtype:
+            changed.append(f"computed in {was}, --dtype {args.dtype} computes in "
+                           f"{args.compute_dtype} here (pass --dtype {was})")
         if changed:
             raise ValueError(f"--resume: {out} holds a run with other settings: "
                              f"{', '.join(changed)}")
@@ -236,6 +245,7 @@ def prepare_out(args):
         print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     mine = {k: getattr(args, k) for k in RUN_FLAGS}
+    mine["compute_dtype"] = args.compute_dtype  # what --dtype auto chose on this machine
     text = json.dumps(mine, indent=1)
     export.write_atomic(out / "run.json", lambda tmp: tmp.write_bytes(text.encode()))
 

@@ -1,15 +1,13 @@
 """What the scripts share: argument types, the device and dtype, the validation loss, and the
 model with its adapter loaded as sample.py and eval.py need it.
 
-train.py, sample.py, eval.py and bench.py import this file (and generate.py its autocast), so
-that no script imports another.
+train.py, sample.py, eval.py and bench.py import this file, so that no script imports another.
 """
 import argparse
 import math
 import re
 import sys
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ import data
 import export
 import kernels
 from data import QuoteTokenizer
-from llama import DEFAULT_MODEL, Llama
+from llama import DEFAULT_MODEL, Llama, autocast  # autocast: every script's, from llama.py
 
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 
@@ -100,11 +98,6 @@ def pick_device(name):
     return name
 
 
-def pick_dtype(name, device):
-    """The compute dtype for --dtype `name` on `device` (dtype_choice without its reason)."""
-    return dtype_choice(name, device)[0]
-
-
 def dtype_choice(name, device):
     """(dtype, why) for --dtype `name` on `device`: 'auto' takes the lowest precision that the
     hardware computes natively, since an emulated one is slower than float32.
@@ -113,10 +106,11 @@ def dtype_choice(name, device):
       CUDA 7.x (V100, T4, RTX 20xx): float16 with loss scaling (train.py's GradScaler); their
         tensor cores have no bf16, which runs emulated there, several times slower.
       CUDA before 7.0: float32 (no tensor cores: half precision buys no speed).
-      MPS: float16, the dtype MPS autocast supports on every macOS (bf16 needs macOS 14).
-      CPU: bfloat16 where it has bf16 units (AVX512-BF16 or AMX), float32 elsewhere: without
-        them a bf16 product is emulated, a hundred times slower or more (README, "Which
-        device, which dtype").
+      MPS: float16, the dtype MPS autocast supports on every macOS (bf16 needs macOS 14);
+        float32 before torch 2.7, whose GradScaler could not step on MPS.
+      CPU: bfloat16 where an x86 CPU has bf16 units (AVX512-BF16 or AMX), float32 elsewhere:
+        without them a bf16 product is emulated, a hundred times slower or more (README, "Which
+        device, which dtype"). ARM CPUs get float32 (not measured here): --dtype bfloat16.
     A dtype named by --dtype is taken as given."""
     if name != "auto":
         return getattr(torch, name), "as --dtype asked"
@@ -131,12 +125,19 @@ def dtype_choice(name, device):
                                    "emulated")
         return torch.float32, f"{cc}: no tensor cores, half precision would not be faster"
     if kind == "mps":
+        if torch_version() < (2, 7):  # GradScaler's step failed on MPS before (pytorch#142397)
+            return torch.float32, "MPS: float16 loss scaling needs torch 2.7 or later"
         return torch.float16, "MPS autocast: float16 (loss scaled) on every macOS"
     units = cpu_bf16_units()
     if units:
         return torch.bfloat16, f"this CPU has bf16 units ({units})"
     return torch.float32, ("this CPU has no bf16 units (AVX512-BF16, AMX): bf16 would be "
                            "emulated, 100x slower or more")
+
+
+def pick_dtype(name, device):
+    """The compute dtype for --dtype `name` on `device`: dtype_choice above, without the why."""
+    return dtype_choice(name, device)[0]
 
 
 def cpu_flags():
@@ -166,6 +167,11 @@ def cpu_bf16_units():
     return None
 
 
+def torch_version():
+    """(major, minor) of the installed torch, e.g. (2, 13) for '2.13.0+cpu'."""
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
 def grad_scaler(device, dtype):
     """Loss scaling, for float16 only. float16's smallest normal number is 6e-5 (bf16's 1e-38):
     gradients below it lose digits or become 0, so the loss is multiplied by a large scale
@@ -174,11 +180,24 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
 
 
-def autocast(device, dtype):
-    """Matmuls in the low-precision dtype, reductions (norms, softmax, loss) in float32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+def scaled_step(scaler, optimizer):
+    """optimizer.step() through the loss scaler: the gradients divided by the scale first, and
+    no step when one overflowed, the scale then halved (doubled after 2000 good steps).
+    Returns True for a skipped step. GradScaler says so nowhere in public: a lowered scale is
+    the sign (each get_scale() waits for the GPU; a disabled scaler never skips)."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
+
+
+def sync(device):
+    """Wait for the device's queued work: a GPU returns from a call before it computed it, so a
+    clock read without this times the launch, not the work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------- validation loss

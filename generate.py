@@ -7,8 +7,7 @@ same tokens). sample.py (the command), eval.py and bench.py call complete_ids() 
 """
 import torch
 
-from common import autocast
-from llama import KVCache
+from llama import KVCache, autocast
 
 
 # ----------------------------------------------------------------------------- generation

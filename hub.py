@@ -74,7 +74,11 @@ def read_config(model_dir):
     # config may list ones config.json does not.
     gen = Path(model_dir) / "generation_config.json"
     if gen.is_file():
-        extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        try:
+            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise ValueError(f"{gen}: not a readable generation config "
+                             f"({type(e).__name__}: {e})") from None
         fields["eos_token_ids"] += [e for e in extra if e not in fields["eos_token_ids"]]
     return fields
 

@@ -262,7 +262,7 @@ def linear_cross_entropy(h, lm_head, targets, chunk_elements=2**24):
     return LinearCrossEntropyFunction.apply(h, linear.weight, A, B, alpha, targets, chunk)
 
 
-# ----------------------------------------------------------------------------- 5. rebuilt, not kept
+# ------------------------------------------------------------------------- 5. rebuilt, not kept
 #
 # The LoRA detour B A x keeps x for A's gradient. For q, k and v (and gate and up) x is the
 # RMSNorm's output; for down_proj it is the SwiGLU's. Both are one elementwise pass over tensors

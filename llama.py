@@ -9,6 +9,7 @@ kernels.py is an optional speed layer that replaces some of these formulas with 
 backward passes (`kernels.use(model)`); this file never needs it.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,14 @@ class LlamaConfig:
         """From a model folder's config.json (and generation_config.json's eos ids): hub.py reads
         both files, with their spellings and checks (ValueError for a model not written here)."""
         return cls(**hub.read_config(model_dir))
+
+
+def autocast(device, dtype):
+    """The context to run the model in: matmuls in the low-precision dtype (bf16, float16),
+    reductions (norms, softmax, loss) in float32; nothing to do for float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- the blocks

@@ -26,13 +26,14 @@ import ddp
 import kernels
 import lora
 from common import (DEFAULT_OUT, HelpFormatter, autocast, dtype_choice, grad_scaler, pick_device,
-                    pick_dtype, positive, seed, validation_loss)
+                    pick_dtype, positive, scaled_step, seed, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
 def parse_args(argv=None):
     # prog: the same name under torchrun and in the tests
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=HelpFormatter)
     add = p.add_argument
     add("--model", default=DEFAULT_MODEL, help="hub repo id or local HF folder of a Llama model")
     add("--data", default=data.DEFAULT_DATASET, help="hub dataset id or local quotes JSONL file")
@@ -114,6 +115,7 @@ def train(args):
     master = rank == 0  # rank 0 alone prints and writes
     device = ddp.local_device(pick_device(args.device), world, local_rank)
     dtype = pick_dtype(args.dtype, device)
+    args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it: --resume checks
     checkpoint.check_out(args)
     done = checkpoint.already_done(args)  # --resume of a run at its end: say so, write nothing
     if done:
@@ -176,7 +178,7 @@ def train(args):
             tokens_seen += int(batch["lengths"].sum())
             speed = tokens_seen / (time.time() - t0)
             run.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
-                    tokens_per_s=speed, **run.loss_scaling(skipped))
+                    tokens_per_s=speed, **run.count_step(skipped))
             # Every rank leaves after the same step: on --max-steps, or a signal any of them got.
             last = run.is_last_step(step, ddp.stop_signal(run.stop, world, device))
             if master:
@@ -219,10 +221,8 @@ def train_step(model, optimizer, scaler, batch, args, rank, world, device, dtype
     loss = ddp.sum_over_ranks(total, world).item() / n_supervised
     skipped = False
     if math.isfinite(loss):  # a step on an inf or NaN loss would carry it into the weights
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # unscales, then optimizer.step() unless a gradient overflowed
-        scaler.update()  # halves the scale after an overflow, doubles it after 2000 good steps
-        skipped = scaler.get_scale() < scale  # ranks agree: they hold the same averaged grads
+        # unscale, then AdamW unless a gradient overflowed; every rank agrees (the same grads)
+        skipped = scaled_step(scaler, optimizer)
     optimizer.zero_grad(set_to_none=True)
     return loss, skipped
 

@@ -7,6 +7,7 @@ and AdamW state before a step whose gradients overflowed (it must leave them as 
 GradScaler's documented backoff (the scale halves); an uninterrupted float16 run for resume,
 bit for bit, scaler state included.
 """
+import json
 import math
 
 import pytest
@@ -215,3 +216,20 @@ def test_a_float16_run_trains_on_every_device(setup, tmp_path, device):
     assert train.main(argv) == 0
     val = [r["val_loss"] for r in metrics(out, "eval")]
     assert val[-1] < val[0] - 0.1, val
+
+
+def test_resume_checks_the_dtype_computed_in_not_the_flag(setup, tmp_path, capsys, monkeypatch):
+    """--dtype auto picks by the hardware: a run resumed where auto picks another dtype would
+    change its arithmetic (and drop float16's loss scale) without a word. run.json keeps the
+    dtype computed in, and --resume compares that, whatever --dtype spells it."""
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--max-steps", 1)) == 0  # --dtype float32
+    assert json.loads((out / "run.json").read_text())["compute_dtype"] == "float32"
+    monkeypatch.setattr(common, "cpu_bf16_units", lambda: None)  # auto: float32 here
+    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 2, "--dtype", "auto")) == 0
+    monkeypatch.setattr(common, "cpu_bf16_units", lambda: "AMX")  # auto: bfloat16 there
+    capsys.readouterr()
+    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 3, "--dtype", "auto")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: error: --resume: {out} holds a run with other settings: computed in float32, "
+        "--dtype auto computes in bfloat16 here (pass --dtype float32)")

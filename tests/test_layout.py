@@ -38,7 +38,7 @@ def test_the_core_imports_no_chapter_and_no_script():
     assert g["lora"] == set()  # the idea needs only torch
     assert g["llama"] == {"hub"}  # the model, and where its files come from
     assert g["data"] <= {"hub", "llama"}
-    assert g["generate"] <= {"llama", "common"}
+    assert g["generate"] == {"llama"}  # generation needs the model alone
     assert g["hub"] == set()
 
 

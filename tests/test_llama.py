@@ -205,6 +205,14 @@ def test_folder_without_config(tmp_path):
         Llama.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[128001]"])
+def test_unreadable_generation_config_is_named(tmp_path, text):
+    folder = tiny.write_tiny_model(tmp_path / "m")
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"generation_config.json: not a readable generation"):
+        Llama.from_pretrained(folder)
+
+
 def test_other_architecture_refused(tmp_path):
     folder = tiny.write_tiny_model(tmp_path / "m")
     raw = json.loads((folder / "config.json").read_text())
