@@ -29,7 +29,16 @@
 # ../shared), LORA_MODELS (where models.py writes), GPU_CHECK_BATCH (bench's batch),
 # GPU_CHECK_BUDGET (seconds for all steps).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# Paths made absolute before the cd to the repository root, where a relative one would point
+# elsewhere: this script's own (step() runs it again, `bash "$SELF" --inner`, from the root), and
+# the folders and the python that the environment names.
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+[ -n "${OUT:-}" ] && OUT="$(absolute "$OUT")"
+[ -n "${LORA_SHARED:-}" ] && LORA_SHARED="$(absolute "$LORA_SHARED")"
+[ -n "${LORA_MODELS:-}" ] && LORA_MODELS="$(absolute "$LORA_MODELS")"
+case "${PYTHON:-}" in */*) PYTHON="$(absolute "$PYTHON")" ;; esac  # python3 alone: from PATH
+cd "$(dirname "$SELF")/.."
 
 # `--inner FUNCTION ARGS...` runs one step's function with the settings below: how step() puts
 # a shell function under `timeout`, which runs programs only.
@@ -77,7 +86,7 @@ step() {
         return
     fi
     local t0=$(date +%s)
-    timeout -k 10 "$limit" bash "$0" --inner "$@" > "$log" 2>&1
+    timeout -k 10 "$limit" bash "$SELF" --inner "$@" > "$log" 2>&1
     local rc=$? seconds=$(($(date +%s) - t0)) status
     case $rc in
         0) status="ok" ;;
