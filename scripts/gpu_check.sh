@@ -19,8 +19,9 @@
 #              fills the card (halved and tried again after an out-of-memory): tokens/s, MFU
 #              against the matmul peak measured in the run, peak memory
 #   compile    the same with --compile (torch.compile of our decoder layers), ours alone
-#   other tests    the rest of the suite (`pytest -m "not device"`), without the Llama-3.2-1B
-#              tests, which run in float32 on the CPU and are .ci/run's job
+#   other tests    the rest of the suite (`pytest -m "not device and not nested"`), without the
+#              Llama-3.2-1B tests, which run in float32 on the CPU and are .ci/run's job, nor the
+#              dry run's (a whole gpu_check of its own)
 # Every step appends its status, time and output tail to one markdown file: $OUT/gpu_check.md
 # when $OUT is set (the device tool's folder that comes back), else gpu_check-results.md; the
 # full logs go beside it, in gpu_check-logs/.
@@ -132,7 +133,8 @@ else
     MODEL="$LORA_MODELS/Llama-3.2-1B-Instruct-random"
     SMOLLM2="$LORA_MODELS/SmolLM2-135M-Instruct"
     DEVICE_TESTS=(-m device)
-    OTHER_TESTS=(-m "not device")
+    # "nested": the dry run's test, a whole gpu_check of its own, minutes of this one's budget
+    OTHER_TESTS=(-m "not device and not nested")
     PARITY=(--quotes 8)
     MATMUL=(--m 8192 --k 8192 --n 8192 --reps 10)
     BENCH=(--steps 6 --warmup 2 --val-batches 2 --gen-tokens 16 --gen-ignore-eos)
@@ -231,6 +233,10 @@ parity_all() {  # $1: the dtype; every model folder that exists
     return $rc
 }
 
+other_tests() {  # the rest of the suite; "$@": more pytest flags (--collect-only in the tests)
+    "$PY" -m pytest -q -p no:cacheprovider "${OTHER_TESTS[@]}" "$@"
+}
+
 # ----------------------------------------------------------------------------- the run
 
 if [ "$INNER" = 1 ]; then
@@ -261,7 +267,7 @@ BATCH="$(pick_batch)"
 step "bench" 150 bench_fitting "$BATCH" --peft "${BENCH_PEFT[@]}" --json
 step "bench compile" 120 bench_fitting "$BATCH" --compile "$COMPILE" --mem-batches 0 \
     --gen-quotes 0 --json
-step "other tests" 180 "$PY" -m pytest -q -p no:cacheprovider "${OTHER_TESTS[@]}"
+step "other tests" 180 other_tests
 
 {
     echo
