@@ -29,6 +29,7 @@ Table 7's W_q (12,288 x 12,288) at k = 4, the paper's 0.02.
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -46,6 +47,22 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 # ----------------------------------------------------------------------------- one update
 
+def top_singular_values(W, k):
+    """The k largest singular values of W (out, in), largest first, in W's dtype (float64 here).
+
+    W = U diag(s) V^T gives W^T W = V diag(s^2) V^T: the singular values are the square roots of
+    the eigenvalues of the Gram matrix, taken on the smaller side (W^T W, in x in, when in <= out;
+    else W W^T). For lm_head that is 576 x 576 on SmolLM2, 2,048 x 2,048 on Llama-3.2-1B, where
+    an SVD of W itself (49,152 x 576, 128,256 x 2,048) works on a copy of W as large as W, 2 GB
+    in float64 for Llama's, and took twice as long for SmolLM2's here. Each eigenvalue is off by
+    about 1e-16 times the largest, s_1^2: the top singular values come as exact as from an SVD;
+    only those below about 1e-8 s_1 lose their digits. Rounding can leave a zero eigenvalue
+    slightly negative: clamped to 0 before the root."""
+    gram = W.T @ W if W.shape[1] <= W.shape[0] else W @ W.T
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return eigenvalues.flip(0)[:k].clamp(min=0).sqrt()
+
+
 @torch.no_grad()
 def update_anatomy(W, A, B, alpha):
     """The numbers of one update dW = alpha B A on W: W (out, in), A (r, in), B (out, r).
@@ -58,10 +75,11 @@ def update_anatomy(W, A, B, alpha):
     and amplification (dW_norm / w_along_dw, section 7.3). A zero update gives zeros throughout.
     """
     W, A, B = W.double(), A.double(), B.double()
-    # dW has rank <= r: its SVD comes from r x r pieces, never from the (out, in) matrix itself
-    # (lm_head is 49,152 x 576 on SmolLM2). B = Qb Rb and A^T = Qa Ra with orthonormal columns in
-    # Qb (out, r) and Qa (in, r), so dW = Qb (alpha Rb Ra^T) Qa^T, and the SVD of that r x r core,
-    # Uc diag(s) Vc^T, gives dW = (Qb Uc) diag(s) (Qa Vc)^T: exact singular values and vectors.
+    # dW has rank <= r: its SVD comes from r x r pieces, never from the (out, in) matrix dW
+    # itself (lm_head is 49,152 x 576 on SmolLM2). B = Qb Rb and A^T = Qa Ra with orthonormal
+    # columns in Qb (out, r) and Qa (in, r), so dW = Qb (alpha Rb Ra^T) Qa^T, and the SVD of that
+    # r x r core, Uc diag(s) Vc^T, gives dW = (Qb Uc) diag(s) (Qa Vc)^T: exact singular values
+    # and vectors.
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.T)
     Uc, s, Vc_T = torch.linalg.svd(alpha * Rb @ Ra.T)
@@ -71,7 +89,7 @@ def update_anatomy(W, A, B, alpha):
     k = int((s > s[0] * max(W.shape) * torch.finfo(s.dtype).eps).sum()) if s[0] > 0 else 0
     w_norm, dw_norm = W.norm().item(), s.norm().item()
     w_along_dw = (U[:, :k].T @ W @ V[:, :k]).norm().item()  # (k, k): W in dW's subspace
-    w_along_top = torch.linalg.svdvals(W)[:k].norm().item()
+    w_along_top = top_singular_values(W, k).norm().item()  # W's Gram: no SVD of W either
     return dict(w_norm=w_norm, dw_norm=dw_norm, relative=dw_norm / w_norm,
                 singular_values=s.tolist(),
                 stable_rank=dw_norm ** 2 / s[0].item() ** 2 if k else 0.0,
@@ -157,7 +175,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="lora.py inspect", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("adapter", nargs="?", default=DEFAULT_OUT, metavar="ADAPTER",
-                   help="train.py --out folder, adapter file or PEFT folder")
+                   help="train.py --out folder, adapter file or PEFT folder "
+                   f"(default: {DEFAULT_OUT})")  # HelpFormatter adds defaults to flags only
     p.add_argument("--model", default=None,
                    help="the base, hub id or HF folder (default: the one the adapter records)")
     p.add_argument("--json", action="store_true",
@@ -168,29 +187,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def plot_path_problem(path):
+    """What keeps savefig from writing `path`, found before the model loads, or None."""
+    if os.path.isdir(path):
+        return "is a folder; name the PNG file to write in it"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no such folder {folder}"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         if args.plot and not can_plot():  # before loading a model
             raise ValueError("--plot needs matplotlib: pip install matplotlib")
+        if args.plot and (problem := plot_path_problem(args.plot)):  # not after the numbers
+            raise ValueError(f"--plot {args.plot}: {problem}")
         # float32: the base's own numbers (a bf16 checkpoint converts exactly); the sums that
         # make the norms are float64 in update_anatomy.
         model, _ = load(args, "cpu", torch.float32, "lora.py inspect")
         rows = model_anatomy(model)
         if not rows:
             raise ValueError(f"{args.adapter}: the adapter holds no LoRA module")
-        if args.plot:
-            title = f"{args.adapter}: r={rows[0]['r']}, alpha {rows[0]['alpha']:g}"
-            print(f"wrote {plot(rows, args.plot, title)}", file=sys.stderr)
     except (ValueError, TypeError, OSError) as e:
         print(f"lora.py inspect: error: {e}", file=sys.stderr)
         return 2
+    title = f"{args.adapter}: r={rows[0]['r']}, alpha {rows[0]['alpha']:g}"
     if args.json:
         print(json.dumps({"adapter": args.adapter, "modules": rows, "median": summary(rows)}))
     else:
-        print(f"{args.adapter}: r={rows[0]['r']}, alpha {rows[0]['alpha']:g}, "
-              f"{len(rows)} adapted modules")
+        print(f"{title}, {len(rows)} adapted modules")
         print(table(rows))
+    if args.plot:  # after the numbers are out: a plot that fails (a full disk) loses none
+        sys.stdout.flush()
+        try:
+            print(f"wrote {plot(rows, args.plot, title)}", file=sys.stderr)
+        except (ValueError, TypeError, OSError) as e:
+            print(f"lora.py inspect: error: --plot {args.plot}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

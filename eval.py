@@ -87,6 +87,8 @@ def parse_args(argv=None):
         p.error("--plot draws the alpha sweep: pass --alpha-sweep too")
     if args.plot and not can_plot():  # before loading anything
         p.error("--plot needs matplotlib: pip install matplotlib")
+    if args.plot and (problem := plot_path_problem(args.plot)):  # not after minutes of scoring
+        p.error(f"--plot {args.plot}: {problem}")
     try:
         use_the_runs_split(args)
     except ValueError as e:
@@ -97,6 +99,16 @@ def parse_args(argv=None):
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     args.temperature, args.top_k, args.top_p = 0.0, None, None  # greedy, as sample.py's default
     return args
+
+
+def plot_path_problem(path):
+    """What keeps savefig from writing `path`, found before the sweep, or None."""
+    if os.path.isdir(path):
+        return "is a folder; name the PNG file to write in it"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no such folder {folder}"
+    return None
 
 
 def run_settings(adapter):
@@ -212,9 +224,7 @@ def evaluate(args):
         print(f"eval.py: alpha {alpha:g}: validation loss {rows[-1]['val_loss']:.4f}, P / R / F1 "
               f"{rows[-1]['precision']:.2f} / {rows[-1]['recall']:.2f} / {rows[-1]['f1']:.2f}, "
               f"tag-shaped {rows[-1]['tag_shaped']:.0%}", file=sys.stderr)
-    if args.plot:
-        print(f"wrote {plot_sweep(rows, trained, args.plot, args.adapter)}", file=sys.stderr)
-    return {"trained_alpha": trained, "sweep": rows}
+    return {"trained_alpha": trained, "sweep": rows}  # main() plots it, once the JSON is out
 
 
 def score(model, tokenizer, val, args, device, dtype):
@@ -283,7 +293,14 @@ def main(argv=None):
         print("eval.py: interrupted", file=sys.stderr)
         return 130
     adapter = None if args.no_adapter else args.adapter
-    print(json.dumps({"adapter": adapter, **result}))
+    print(json.dumps({"adapter": adapter, **result}), flush=True)
+    if args.plot:  # after the JSON: a plot that fails (a full disk) loses no score
+        try:
+            path = plot_sweep(result["sweep"], result["trained_alpha"], args.plot, args.adapter)
+        except (ValueError, TypeError, OSError) as e:
+            print(f"eval.py: error: --plot {args.plot}: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -109,25 +109,26 @@ def complete(model, tokenizer, prompts, args, device, dtype):
 
 
 def sweep(model, tokenizer, prompts, args, device, dtype):
-    """{alpha: completions of all prompts} for each --alpha-sweep alpha. The adapter stays apart
-    from W (not merged): set_alpha rescales the same B A in every LoraModule."""
+    """[(alpha, completions of all prompts)] for each --alpha-sweep alpha, in its order. A list,
+    not a dict keyed by alpha: "0.5,0.50" gives two lines, as eval.py gives two rows. The adapter
+    stays apart from W (not merged): set_alpha rescales the same B A in every LoraModule."""
     if not lora.lora_modules(model):
         raise ValueError("--alpha-sweep needs an adapter, and none was loaded (pass --adapter)")
-    by_alpha = {}
+    by_alpha = []
     for alpha in args.alpha_sweep:
         lora.set_alpha(model, alpha)
-        by_alpha[alpha] = complete(model, tokenizer, prompts, args, device, dtype)
+        by_alpha.append((alpha, complete(model, tokenizer, prompts, args, device, dtype)))
     return by_alpha
 
 
 def print_sweep(prompts, by_alpha, jsonl):
     """One block per prompt, one line per alpha: the completions side by side, newlines shown as
     \\n (repr) so that each stays on its line. --jsonl: {"prompt", "alpha", "completion"} rows."""
-    width = max(len(f"{alpha:g}") for alpha in by_alpha)
+    width = max(len(f"{alpha:g}") for alpha, _ in by_alpha)
     for i, prompt in enumerate(prompts):
         if not jsonl:
             print(prompt)
-        for alpha, completions in by_alpha.items():
+        for alpha, completions in by_alpha:
             row = {"prompt": prompt, "alpha": alpha, "completion": completions[i]}
             print(json.dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")
 

@@ -19,8 +19,9 @@
 #              fills the card (halved and tried again after an out-of-memory): tokens/s, MFU
 #              against the matmul peak measured in the run, peak memory
 #   compile    the same with --compile (torch.compile of our decoder layers), ours alone
-#   other tests    the rest of the suite (`pytest -m "not device"`), without the Llama-3.2-1B
-#              tests, which run in float32 on the CPU and are .ci/run's job
+#   other tests    the rest of the suite (`pytest -m "not device and not nested"`), without the
+#              Llama-3.2-1B tests, which run in float32 on the CPU and are .ci/run's job, nor the
+#              dry run's (a whole gpu_check of its own)
 # Every step appends its status, time and output tail to one markdown file: $OUT/gpu_check.md
 # when $OUT is set (the device tool's folder that comes back), else gpu_check-results.md; the
 # full logs go beside it, in gpu_check-logs/.
@@ -29,7 +30,16 @@
 # ../shared), LORA_MODELS (where models.py writes), GPU_CHECK_BATCH (bench's batch),
 # GPU_CHECK_BUDGET (seconds for all steps).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# Paths made absolute before the cd to the repository root, where a relative one would point
+# elsewhere: this script's own (step() runs it again, `bash "$SELF" --inner`, from the root), and
+# the folders and the python that the environment names.
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+[ -n "${OUT:-}" ] && OUT="$(absolute "$OUT")"
+[ -n "${LORA_SHARED:-}" ] && LORA_SHARED="$(absolute "$LORA_SHARED")"
+[ -n "${LORA_MODELS:-}" ] && LORA_MODELS="$(absolute "$LORA_MODELS")"
+case "${PYTHON:-}" in */*) PYTHON="$(absolute "$PYTHON")" ;; esac  # python3 alone: from PATH
+cd "$(dirname "$SELF")/.."
 
 # `--inner FUNCTION ARGS...` runs one step's function with the settings below: how step() puts
 # a shell function under `timeout`, which runs programs only.
@@ -77,7 +87,7 @@ step() {
         return
     fi
     local t0=$(date +%s)
-    timeout -k 10 "$limit" bash "$0" --inner "$@" > "$log" 2>&1
+    timeout -k 10 "$limit" bash "$SELF" --inner "$@" > "$log" 2>&1
     local rc=$? seconds=$(($(date +%s) - t0)) status
     case $rc in
         0) status="ok" ;;
@@ -123,7 +133,8 @@ else
     MODEL="$LORA_MODELS/Llama-3.2-1B-Instruct-random"
     SMOLLM2="$LORA_MODELS/SmolLM2-135M-Instruct"
     DEVICE_TESTS=(-m device)
-    OTHER_TESTS=(-m "not device")
+    # "nested": the dry run's test, a whole gpu_check of its own, minutes of this one's budget
+    OTHER_TESTS=(-m "not device and not nested")
     PARITY=(--quotes 8)
     MATMUL=(--m 8192 --k 8192 --n 8192 --reps 10)
     BENCH=(--steps 6 --warmup 2 --val-batches 2 --gen-tokens 16 --gen-ignore-eos)
@@ -222,6 +233,10 @@ parity_all() {  # $1: the dtype; every model folder that exists
     return $rc
 }
 
+other_tests() {  # the rest of the suite; "$@": more pytest flags (--collect-only in the tests)
+    "$PY" -m pytest -q -p no:cacheprovider "${OTHER_TESTS[@]}" "$@"
+}
+
 # ----------------------------------------------------------------------------- the run
 
 if [ "$INNER" = 1 ]; then
@@ -252,7 +267,7 @@ BATCH="$(pick_batch)"
 step "bench" 150 bench_fitting "$BATCH" --peft "${BENCH_PEFT[@]}" --json
 step "bench compile" 120 bench_fitting "$BATCH" --compile "$COMPILE" --mem-batches 0 \
     --gen-quotes 0 --json
-step "other tests" 180 "$PY" -m pytest -q -p no:cacheprovider "${OTHER_TESTS[@]}"
+step "other tests" 180 other_tests
 
 {
     echo

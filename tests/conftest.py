@@ -82,6 +82,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
     config.addinivalue_line("markers", "device: runs on every device of tests/devices.py "
                             "(scripts/gpu_check.sh selects these with -m device)")
+    config.addinivalue_line("markers", "nested: runs a whole scripts/gpu_check.sh of its own "
+                            "(gpu_check.sh's own 'other tests' step leaves these out)")
 
 
 @pytest.fixture

@@ -105,6 +105,44 @@ def test_the_random_baseline_is_the_mean_over_random_subspaces():
     assert rms ** 2 == pytest.approx(mean_square, rel=0.03)
 
 
+@pytest.mark.parametrize("shape", [(40, 9), (9, 40), (12, 12)])
+def test_top_singular_values_match_svdvals(shape):
+    """W's top singular values from its smaller Gram matrix, tall, wide or square."""
+    Wt = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])).double()
+    for k in (1, 4, min(shape)):
+        torch.testing.assert_close(anatomy.top_singular_values(Wt, k),
+                                   torch.linalg.svdvals(Wt)[:k], rtol=1e-12, atol=0)
+
+
+def test_top_singular_values_of_a_rank_one_w_are_zeros_past_the_first():
+    """The Gram's zero eigenvalues come out of eigvalsh a rounding error off, some negative:
+    their roots must be 0, not NaN."""
+    g = torch.Generator().manual_seed(1)
+    Wt = torch.outer(torch.randn(30, generator=g), torch.randn(7, generator=g)).double()
+    got = anatomy.top_singular_values(Wt, 7)
+    assert not got.isnan().any()
+    assert got[0].item() == pytest.approx(torch.linalg.svdvals(Wt)[0].item(), rel=1e-12)
+    assert got[1:].max().item() < 1e-7 * got[0].item()
+
+
+def test_no_svd_of_an_out_by_in_matrix(monkeypatch):
+    """lm_head is 128,256 x 2,048 on Llama-3.2-1B: every SVD update_anatomy takes is of an r x r
+    core, whatever W's size."""
+    shapes = []
+
+    def recorded(real):
+        def run(x, *args, **kwargs):
+            shapes.append(tuple(x.shape))
+            return real(x, *args, **kwargs)
+        return run
+    for name in ("svd", "svdvals"):
+        monkeypatch.setattr(torch.linalg, name, recorded(getattr(torch.linalg, name)))
+    g = torch.Generator().manual_seed(2)
+    Wt, r = torch.randn(50, 8, generator=g), 3
+    update_anatomy(Wt, torch.randn(r, 8, generator=g), torch.randn(50, r, generator=g), 0.5)
+    assert shapes and all(max(shape) <= r for shape in shapes), shapes
+
+
 # ----------------------------------------------------------------------------- a whole adapter
 
 @pytest.fixture(scope="module")
@@ -187,6 +225,48 @@ def test_plot_without_matplotlib_is_refused_before_loading(adapter, monkeypatch,
     assert anatomy.main([str(path), "--plot", "x.png"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "lora.py inspect: error: --plot needs matplotlib: pip install matplotlib"]
+
+
+@pytest.mark.parametrize("where, problem", [
+    ("missing/anatomy.png", "no such folder {tmp}/missing"),
+    (".", "is a folder; name the PNG file to write in it"),
+], ids=["no_folder", "a_folder"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_loading(
+        adapter, tmp_path, monkeypatch, capsys, where, problem):
+    path, _, _ = adapter
+    monkeypatch.setattr(anatomy, "load", lambda *a: pytest.fail("loaded a model"))
+    png = tmp_path / where
+    assert anatomy.main([str(path), "--plot", str(png)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lora.py inspect: error: --plot {png}: {problem.format(tmp=tmp_path)}"]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_plot_that_fails_keeps_the_numbers(adapter, tmp_path, monkeypatch, capsys, as_json):
+    """A plot that fails after the numbers (a full disk): they are printed all the same."""
+    path, _, model = adapter
+
+    def full_disk(rows, png, title):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(anatomy, "plot", full_disk)
+    png = tmp_path / "anatomy.png"
+    assert anatomy.main([str(path), "--plot", str(png), *["--json"] * as_json]) == 2
+    out, err = capsys.readouterr()
+    n = len(lora_modules(model))
+    if as_json:
+        assert len(json.loads(out)["modules"]) == n
+    else:
+        assert len(out.splitlines()) == 1 + 1 + n + 1  # title, header, the modules, the medians
+    assert err.splitlines() == [
+        f"lora.py inspect: error: --plot {png}: [Errno 28] No space left on device"]
+
+
+def test_inspect_help_shows_the_adapters_default():
+    done = subprocess.run([sys.executable, "lora.py", "inspect", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    help_text = " ".join(done.stdout.split())
+    assert "ADAPTER train.py --out folder, adapter file or PEFT folder (default: out)" in help_text
 
 
 def test_lora_py_help_lists_both_commands():

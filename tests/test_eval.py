@@ -216,3 +216,35 @@ def test_plot_without_matplotlib_is_refused_before_loading(run, capsys, monkeypa
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "eval.py: error: --plot needs matplotlib: pip install matplotlib")
+
+
+@pytest.mark.parametrize("where, problem", [
+    ("missing/sweep.png", "no such folder {tmp}/missing"),
+    (".", "is a folder; name the PNG file to write in it"),
+], ids=["no_folder", "a_folder"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_loading(
+        run, tmp_path, capsys, monkeypatch, where, problem):
+    out, _ = run
+    monkeypatch.setattr(eval_py, "load", lambda *a: pytest.fail("loaded a model"))
+    png = tmp_path / where
+    with pytest.raises(SystemExit) as e:
+        eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", str(png), *FLAGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"eval.py: error: --plot {png}: {problem.format(tmp=tmp_path)}")
+
+
+def test_a_plot_that_fails_keeps_the_sweeps_json(run, tmp_path, capsys, monkeypatch):
+    """The plot comes after minutes of scoring: when it fails (a full disk), the JSON is out."""
+    out, _ = run
+
+    def full_disk(rows, trained, png, adapter):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(eval_py, "plot_sweep", full_disk)
+    png = tmp_path / "sweep.png"
+    assert eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", str(png),
+                         *FLAGS]) == 2
+    captured = capsys.readouterr()
+    assert [row["alpha"] for row in json.loads(captured.out)["sweep"]] == [0.0, 1.0]
+    assert captured.err.splitlines()[-1] == (
+        f"eval.py: error: --plot {png}: [Errno 28] No space left on device")

@@ -20,11 +20,11 @@ STEPS = ["setup", "models", "device tests", "parity bfloat16", "parity float16",
          "bench", "bench compile", "other tests"]
 
 
-def gpu_check(out, *argv, **env):
+def gpu_check(out, *argv, script=SCRIPT, cwd=None, **env):
     environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable,
                    "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(["bash", str(SCRIPT), *argv], env=environment, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(["bash", str(script), *argv], env=environment, capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
 
 
 def sections(text):
@@ -38,6 +38,7 @@ def json_lines(text):
 
 
 @pytest.mark.slow  # every step for real, on the CPU: a minute or two
+@pytest.mark.nested  # so the real run's "other tests" step does not start a second gpu_check
 def test_dry_run_leaves_every_section_with_its_numbers(tmp_path):
     done = gpu_check(tmp_path, "--cpu-dry-run")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -94,3 +95,42 @@ def test_without_a_gpu_the_real_run_stops_after_setup_and_says_why(tmp_path):
     assert found["setup"].strip().startswith("FAILED (exit 1)")
     assert "no CUDA device: run with --cpu-dry-run on a machine without a GPU" in found["setup"]
     assert all(found[name].strip() == "not run: setup failed" for name in STEPS[1:])
+
+
+def test_started_from_another_folder_with_relative_paths(tmp_path):
+    """`bash repo/scripts/gpu_check.sh` with OUT=results, from a folder that holds the repository
+    (here a link to it): each step runs the script again from the repository root, and the
+    results land in the starting folder's results/ all the same. Without a visible CUDA device
+    the run stops after setup, in seconds; setup's own words show that its run found the script.
+    (A path up to / and down again would pass by luck: ".." of / is / itself.)"""
+    (tmp_path / "repo").symlink_to(ROOT)
+    done = gpu_check("results", script="repo/scripts/gpu_check.sh", cwd=tmp_path,
+                     CUDA_VISIBLE_DEVICES="")
+    results = tmp_path / "results" / "gpu_check.md"
+    assert (done.returncode, done.stdout) == (1, f"gpu_check: results in {results}\n")
+    found = sections(results.read_text())
+    assert list(found) == STEPS + ["summary"]
+    assert found["setup"].strip().startswith("FAILED (exit 1)")
+    assert "no CUDA device: run with --cpu-dry-run on a machine without a GPU" in found["setup"]
+    assert (tmp_path / "results" / "gpu_check-logs" / "setup.log").is_file()
+
+
+def collected(out, dry, *tests):
+    """The node ids that the "other tests" step of the real run (dry=False) or of the dry run
+    would run (of tests alone, when given)."""
+    done = gpu_check(out, "--inner", "other_tests", "--collect-only", *tests,
+                     GPU_CHECK_DRY=str(int(dry)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_the_real_runs_other_tests_leave_out_the_dry_run(tmp_path):
+    """The dry run's test is a whole gpu_check (minutes): the real run's "other tests" step,
+    which runs the suite, must not start it inside its own budget. The dry run's step keeps its
+    few tests of the CUDA dtype choice."""
+    real = collected(tmp_path, False, "tests/test_gpu_check.py")
+    dry_run_test = "tests/test_gpu_check.py::test_dry_run_leaves_every_section_with_its_numbers"
+    assert dry_run_test not in real
+    assert "tests/test_gpu_check.py::test_an_unknown_argument_is_refused_with_the_usage" in real
+    dry = collected(tmp_path, True)
+    assert dry and all(re.match(r"tests/test_dtype_choice.py::.*cuda", test) for test in dry)

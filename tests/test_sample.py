@@ -338,6 +338,20 @@ def test_alpha_sweep_prints_a_block_per_prompt(trained, capsys):
     assert all(re.fullmatch(r"  alpha [0-9.]+ +'.*'", line) for line in lines[1:])
 
 
+def test_an_alpha_given_twice_gives_two_lines_as_in_eval(trained, capsys):
+    """An alpha given twice ("0.5,0.50") is two alphas of the sweep: two lines per prompt, with
+    the same completion, as eval.py scores two rows (a dict keyed by alpha kept one line)."""
+    model_dir, out = trained
+    rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--alpha-sweep",
+                           "0.5,0.50,0", PROMPTS[0])
+    assert [row["alpha"] for row in rows] == [0.5, 0.5, 0.0]
+    assert rows[0]["completion"] == rows[1]["completion"]
+    assert sample.main(["--adapter", str(out), "--model", str(model_dir), *map(str, FLAGS),
+                        "--alpha-sweep", "0.5,0.50", PROMPTS[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [["alpha", "0.5"], ["alpha", "0.5"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--alpha-sweep", "1,-2"],
      "argument --alpha-sweep: '1,-2': each alpha must be a finite number >= 0, got -2.0"),

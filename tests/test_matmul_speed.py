@@ -1,0 +1,63 @@
+"""scripts/matmul_speed.py, gpu_check.sh's matmul peak: its flags.
+
+Oracles: the dtype names torch has (a typo is refused in one line before any product runs), and
+common.pick_device's choice for --device auto (the default, as in every other script).
+"""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_run import ROOT
+
+SCRIPT = ROOT / "scripts" / "matmul_speed.py"
+spec = importlib.util.spec_from_file_location("matmul_speed", SCRIPT)
+matmul_speed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(matmul_speed)  # scripts/ is no package: loaded from its path
+
+
+@pytest.mark.parametrize("dtypes, bad", [("bf16", "bf16"), ("float32,fp16", "fp16"),
+                                         ("float32,", "")])
+def test_an_unknown_dtype_is_refused_in_one_line_naming_the_flag(dtypes, bad):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", dtypes], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""  # refused before the first product
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"matmul_speed.py: error: argument --dtypes: {dtypes!r}: unknown dtype {bad!r}, "
+        "expected a comma list of float32, bfloat16, float16")
+
+
+def test_every_name_it_accepts_is_a_torch_dtype():
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in matmul_speed.DTYPES)
+
+
+def measured_on(monkeypatch, capsys, *argv):
+    """The devices and dtypes main() would time, with gflops() recording instead of timing."""
+    seen = []
+    monkeypatch.setattr(matmul_speed, "gflops",
+                        lambda device, dtype, *shape: seen.append((device, dtype)) or 1.0)
+    matmul_speed.main(list(argv))
+    capsys.readouterr()
+    return seen
+
+
+def test_the_device_defaults_to_auto_and_takes_a_visible_gpu(monkeypatch, capsys):
+    """As every script: --device auto, the GPU when torch sees one (here made to)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert measured_on(monkeypatch, capsys, "--dtypes", "bfloat16,float32") == [
+        ("cuda", torch.bfloat16), ("cuda", torch.float32)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert measured_on(monkeypatch, capsys) == [
+        ("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16)]
+
+
+def test_an_unknown_device_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        matmul_speed.main(["--device", "gpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "matmul_speed.py: error: --device gpu: expected auto, cuda, cuda:N, mps or cpu")
