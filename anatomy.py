@@ -29,7 +29,6 @@ Table 7's W_q (12,288 x 12,288) at k = 4, the paper's 0.02.
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -37,7 +36,7 @@ import sys
 import torch
 
 import lora
-from checkpoint import can_plot
+from checkpoint import can_plot, plot_path_problem
 from common import DEFAULT_OUT, HelpFormatter, load
 
 # The heatmap's columns, in the order a layer computes them; lm_head comes after the last layer.
@@ -185,16 +184,6 @@ def parse_args(argv=None):
                    help="also draw the heatmaps into this PNG (needs matplotlib; default: none)")
     p.set_defaults(no_adapter=False, alpha=None, no_kernels=True)  # what common.load reads
     return p.parse_args(argv)
-
-
-def plot_path_problem(path):
-    """What keeps savefig from writing `path`, found before the model loads, or None."""
-    if os.path.isdir(path):
-        return "is a folder; name the PNG file to write in it"
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        return f"no such folder {folder}"
-    return None
 
 
 def main(argv=None):

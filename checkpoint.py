@@ -18,6 +18,7 @@ log, when to checkpoint, and how the run ends (--max-steps, Ctrl-C, SIGTERM).
 import argparse
 import importlib.util
 import json
+import os
 import math
 import random
 import signal
@@ -315,6 +316,17 @@ class Metrics:
 def can_plot():
     """matplotlib is optional: --plot and `checkpoint.py plot` ask for it before any work."""
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_path_problem(path):
+    """What keeps savefig from writing `path` (a --plot PNG), or None: asked before minutes of
+    work, whose numbers a failed write would otherwise lose."""
+    if os.path.isdir(path):
+        return "is a folder; name the PNG file to write in it"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no such folder {folder}"
+    return None
 
 
 def plot(out):

@@ -26,7 +26,7 @@ from pathlib import Path
 import data
 import export
 import lora
-from checkpoint import can_plot
+from checkpoint import can_plot, plot_path_problem
 from common import (HelpFormatter, alphas, load, pick_device, pick_dtype, positive, seed,
                     validation_loss)
 from generate import complete_ids
@@ -99,16 +99,6 @@ def parse_args(argv=None):
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     args.temperature, args.top_k, args.top_p = 0.0, None, None  # greedy, as sample.py's default
     return args
-
-
-def plot_path_problem(path):
-    """What keeps savefig from writing `path`, found before the sweep, or None."""
-    if os.path.isdir(path):
-        return "is a folder; name the PNG file to write in it"
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        return f"no such folder {folder}"
-    return None
 
 
 def run_settings(adapter):

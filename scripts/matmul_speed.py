@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from common import HelpFormatter, pick_device, positive  # noqa: E402
+from common import HelpFormatter, pick_device, positive, sync  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names; getattr(torch, name) takes them
 
@@ -33,13 +33,6 @@ def dtype_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: unknown dtype {bad[0]!r}, expected a comma "
                                          f"list of {', '.join(DTYPES)}")
     return names
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device == "mps":
-        torch.mps.synchronize()
 
 
 def gflops(device, dtype, m, k, n, reps):

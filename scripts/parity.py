@@ -47,7 +47,7 @@ def compare(got, oracle, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="parity.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local HF folder of a Llama model")
     p.add_argument("--data", required=True, help="quotes JSONL file")
@@ -55,9 +55,13 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--quotes", type=positive(int), default=8, help="prompts to compare")
     args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))  # one line and exit 2, as every script's
+    dtype = getattr(torch, args.dtype)
     from transformers import AutoModelForCausalLM  # the oracle: test and benchmark only
 
-    device, dtype = pick_device(args.device), getattr(torch, args.dtype)
     model_dir = resolve_model_dir(args.model)
     ids = prompts(model_dir, args.data, args.quotes)
 

@@ -1,4 +1,4 @@
-"""scripts/matmul_speed.py, gpu_check.sh's matmul peak: its flags.
+"""scripts/matmul_speed.py (gpu_check.sh's matmul peak) and parity.py: their flags.
 
 Oracles: the dtype names torch has (a typo is refused in one line before any product runs), and
 common.pick_device's choice for --device auto (the default, as in every other script).
@@ -61,3 +61,15 @@ def test_an_unknown_device_is_refused_in_one_line(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "matmul_speed.py: error: --device gpu: expected auto, cuda, cuda:N, mps or cpu")
+
+
+def test_parity_refuses_an_unknown_device_in_one_line(capsys):
+    """scripts/parity.py, gpu_check.sh's other script, answers a bad --device the same way."""
+    spec = importlib.util.spec_from_file_location("parity", ROOT / "scripts" / "parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--model", "m", "--data", "d", "--device", "gpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "parity.py: error: --device gpu: expected auto, cuda, cuda:N, mps or cpu")
