@@ -36,7 +36,7 @@ import sys
 import torch
 
 import lora
-from checkpoint import can_plot, plot_path_problem
+from checkpoint import can_plot, plot_path_problem, pyplot, save_figure
 from common import DEFAULT_OUT, HelpFormatter, load
 
 # The heatmap's columns, in the order a layer computes them; lm_head comes after the last layer.
@@ -141,8 +141,7 @@ def plot(rows, path, title):
     """Three heatmaps side by side, layers down and projections across (lm_head in a last row of
     its own): relative size, stable rank, amplification. Returns the path."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = max([row["layer"] for row in rows if row["layer"] is not None], default=-1) + 1
     shown = [("relative", "|dW|_F / |W|_F"), ("stable_rank", "stable rank of dW"),
@@ -163,9 +162,7 @@ def plot(rows, path, title):
         ax.set_yticks(range(layers + 1), [*map(str, range(layers)), "head"], fontsize=6)
         ax.set_ylabel("layer")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)  # pyplot would keep every figure alive
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -329,13 +329,26 @@ def plot_path_problem(path):
     return None
 
 
-def plot(out):
-    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps.
-    Returns its path."""
+def pyplot():
+    """matplotlib.pyplot, drawing into files only (the Agg backend: no window, no display): the
+    one place train.py's, eval.py's and anatomy.py's pictures get it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_figure(fig, path, dpi=100):
+    """Write fig to path, and free it: pyplot would keep every figure alive. Returns path."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot(out):
+    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps.
+    Returns its path."""
+    plt = pyplot()
     out = Path(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -352,9 +365,7 @@ def plot(out):
     ax2.set_ylabel("alpha")
     # Below the axes: anywhere inside them the legend would hide a stretch of some curve.
     fig.legend(loc="outside lower center", ncols=3)
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)  # pyplot would keep every figure alive
-    return out / "loss.png"
+    return save_figure(fig, out / "loss.png", dpi=120)
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ from pathlib import Path
 import data
 import export
 import lora
-from checkpoint import can_plot, plot_path_problem
+from checkpoint import can_plot, plot_path_problem, pyplot, save_figure
 from common import (HelpFormatter, alphas, load, pick_device, pick_dtype, positive, seed,
                     validation_loss)
 from generate import complete_ids
@@ -237,9 +237,7 @@ def plot_sweep(rows, trained, path, adapter):
     """Validation loss (top, log scale) and tag F1 with the tag-shaped share (bottom) against
     alpha, on a log axis; alpha 0 (the base) sits at a marked left edge, a quarter of the smallest
     alpha > 0. Returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     positive = [r["alpha"] for r in rows if r["alpha"] > 0]
@@ -267,9 +265,7 @@ def plot_sweep(rows, trained, path, adapter):
     bottom.minorticks_off()
     bottom.set_xlabel(f"alpha (log scale; dotted: the adapter's own, {trained:g})")
     top.set_title(f"{adapter}: the same adapter at each alpha", fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)  # pyplot would keep every figure alive
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

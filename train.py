@@ -26,7 +26,7 @@ import ddp
 import kernels
 import lora
 from common import (DEFAULT_OUT, HelpFormatter, autocast, dtype_choice, grad_scaler, pick_device,
-                    pick_dtype, positive, scaled_step, seed, validation_loss)
+                    positive, scaled_step, seed, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
@@ -114,7 +114,7 @@ def train(args):
     rank, local_rank, world = ddp.setup()
     master = rank == 0  # rank 0 alone prints and writes
     device = ddp.local_device(pick_device(args.device), world, local_rank)
-    dtype = pick_dtype(args.dtype, device)
+    dtype, why = dtype_choice(args.dtype, device)  # why: for the run's first line
     args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it: --resume checks
     checkpoint.check_out(args)
     done = checkpoint.already_done(args)  # --resume of a run at its end: say so, write nothing
@@ -142,7 +142,7 @@ def train(args):
     optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.eos_id  # any id: padded positions are never attended to nor supervised
     if master:
-        print(summary(args, model, info, device, dtype, world), file=sys.stderr)
+        print(summary(args, model, info, device, dtype, why, world), file=sys.stderr)
 
     scaler = grad_scaler(device, dtype)  # float16's loss scaling; a no-op in bf16 and float32
     run = checkpoint.Run(args, model, optimizer, master, scaler)  # --out, resume, metrics, stop
@@ -229,13 +229,13 @@ def train_step(model, optimizer, scaler, batch, args, rank, world, device, dtype
 
 # ----------------------------------------------------------------------------- what it prints
 
-def summary(args, model, info, device, dtype, world):
+def summary(args, model, info, device, dtype, why, world):
     trainable, total = lora.count_parameters(model)
     return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
             f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
             f"{data.describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
-            f"{str(dtype).replace('torch.', '')} ({dtype_choice(args.dtype, device)[1]}), "
+            f"{str(dtype).replace('torch.', '')} ({why}), "
             f"{world} process(es)")
 
 
