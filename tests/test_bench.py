@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import bench_measure
 import bench_sides
 import data as quotes
 import generate
@@ -58,7 +59,7 @@ def test_train_flops_by_hand():
     attention = 3 * 2 * 2 * (4 * 16) * pairs  # q k^T and p v, backward twice the forward
     head = supervised * 2 * 2 * 64 * 384  # lm_head only where the loss is
     expected = 2 * (8 * (frozen + adapters) + attention) + head
-    assert (bench.train_flops(config, lengths, supervised, r, bench_sides.TARGETS)
+    assert (bench_measure.train_flops(config, lengths, supervised, r, bench_sides.TARGETS)
             == expected == 3393024)
 
 
@@ -66,8 +67,8 @@ def test_lm_head_adapter_adds_its_flops_at_supervised_positions_only():
     from llama import LlamaConfig
     config = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=4)
-    without = bench.train_flops(config, [5], 3, 2, ["q_proj"])
-    with_head = bench.train_flops(config, [5], 3, 2, ["q_proj", "lm_head"])
+    without = bench_measure.train_flops(config, [5], 3, 2, ["q_proj"])
+    with_head = bench_measure.train_flops(config, [5], 3, 2, ["q_proj", "lm_head"])
     assert with_head - without == 3 * 3 * 2 * 2 * (8 + 100)
 
 
@@ -135,8 +136,8 @@ def test_padding_mask_and_until_eos():
 
 
 def test_quantile_interpolates():
-    assert bench.quantile([4, 1, 3, 2], 0.5) == 2.5
-    assert bench.quantile([1, 2, 3, 4, 5], 0.25) == 2
+    assert bench_measure.quantile([4, 1, 3, 2], 0.5) == 2.5
+    assert bench_measure.quantile([1, 2, 3, 4, 5], 0.25) == 2
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -222,8 +223,9 @@ def test_matmul_peak_grows_the_product_until_it_takes_50_ms(monkeypatch, device,
             tried.append(n)
         return Matrix(n)
 
-    monkeypatch.setattr(bench.torch, "randn", randn)
-    monkeypatch.setattr(bench, "sync", lambda device: None)
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    assert bench.matmul_peak(device, torch.bfloat16) == pytest.approx(rate)
+    monkeypatch.setattr(bench_measure.torch, "randn", randn)
+    monkeypatch.setattr(bench_measure, "sync", lambda device: None)
+    monkeypatch.setattr(bench_measure, "time",
+                        types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench_measure.matmul_peak(device, torch.bfloat16) == pytest.approx(rate)
     assert tried == sizes
