@@ -78,6 +78,64 @@ def untied(base_models):
     return copy.deepcopy(base_models["untied"])
 
 
+# ----------------------------------------------------------------------------- small training runs (test_train, test_resume)
+
+@pytest.fixture(scope="module")
+def one_thread():
+    from tiny_run import one_torch_thread
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tiny model folder, quotes file)."""
+    from tiny_run import tiny_model, write_quotes
+    quotes = write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl")
+    return tiny_model(tmp_path_factory), quotes
+
+
+@pytest.fixture(scope="module")
+def three_epochs(setup, tmp_path_factory):
+    """A 3-epoch run through train.main, watched from inside: the model it trains, the LoRA weights
+    it starts from, what it hands to AdamW, and what each checkpoint save wrote. Module-scoped: it
+    runs once in each module that asks for it (test_train.py, test_resume.py)."""
+    import torch
+
+    import checkpoint
+    import export
+    import lora
+    import train
+    from tiny_run import three_epoch_args
+    out = tmp_path_factory.mktemp("three_epochs") / "out"
+    seen = {"saves": []}
+    real_add_lora, real_adamw = lora.add_lora, torch.optim.AdamW
+    real_save = checkpoint.save_checkpoint
+
+    def add_lora(model, **kwargs):
+        names = real_add_lora(model, **kwargs)
+        seen["model"] = model
+        seen["initial"] = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+        return names
+
+    def adamw(params, **kwargs):
+        seen["optimized"] = list(params)
+        return real_adamw(seen["optimized"], **kwargs)
+
+    def save_checkpoint(out, raw_model, optimizer, state, base_model, scaler):
+        real_save(out, raw_model, optimizer, state, base_model, scaler)
+        ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
+        saved_alpha = export.read_adapter(out / export.ADAPTER_FILE)[1]["alpha"]
+        seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora, "add_lora", add_lora)
+        mp.setattr(torch.optim, "AdamW", adamw)
+        mp.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+        assert train.main(three_epoch_args(setup, out, "--plot")) == 0
+    return out, seen
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
     config.addinivalue_line("markers", "device: runs on every device of tests/devices.py "

@@ -1,4 +1,4 @@
-"""data.py: reading the quotes, the sample format and its loss boundary (splits and batches: test_batches.py).
+"""data.py: the sample format and its loss boundary (reading the quotes: test_jsonl.py; splits and batches: test_batches.py).
 
 Oracles: hand-written token lists and hand-counted positions; the raw `tokenizers` library for
 what the real Llama-3.2 and SmolLM2 tokenizers do by themselves.
@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import data
-import hub
-from data import (QuoteTokenizer, batches, build_samples, describe_skips, load_dataset, make_sample,
-                  prompt_text, read_quotes, sample_text)
+from data import (QuoteTokenizer, batches, build_samples, load_dataset, make_sample, prompt_text,
+                  read_quotes, sample_text)
 from tests.tiny import train_tokenizer
+from tiny_run import good_row, write_jsonl
 
 LLAMA_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # the Instruct model's
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def good_row(quote="“Be yourself.”", tags=("honesty", "life")):
-    return {"quote": quote, "author": "Oscar Wilde", "tags": list(tags)}
 
 
 @pytest.fixture(scope="session")
@@ -57,138 +47,6 @@ def test_sample_text_is_quote_separator_and_comma_separated_tags():
 def test_prompt_text_is_the_sample_text_up_to_the_separator():
     assert prompt_text("“Be yourself.”") == "“Be yourself.” | tags:"
     assert sample_text("q", ["a"]).startswith(prompt_text("q"))
-
-
-# -----------------------------------------------------------------------------
-# Reading JSONL
-
-
-def test_real_file_keeps_2499_rows_and_skips_its_9_empty_tag_rows(quotes_path):
-    pairs, skips = read_quotes(str(quotes_path))
-    assert len(pairs) == 2499  # 2,508 published rows - 9 with "tags": []
-    assert skips == {"empty tags": 9}
-    assert describe_skips(skips) == "skipped 9 rows: 9 empty tags"
-    assert pairs[0] == ("“Be yourself; everyone else is already taken.”",
-                        ["be-yourself", "gilbert-perreira", "honesty", "inspirational",
-                         "misattributed-oscar-wilde", "quote-investigator"])
-
-
-def test_missing_file_raises_file_not_found_naming_the_path(tmp_path):
-    missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        read_quotes(str(missing))
-
-
-def test_missing_path_like_source_is_not_sent_to_the_hub(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
-    with pytest.raises(FileNotFoundError, match="quotes.jsonl"):
-        read_quotes("data/quotes.jsonl")
-
-
-def test_empty_or_blank_file_raises_value_error_naming_the_file(tmp_path):
-    for text in ["", "\n  \n\r\n"]:
-        path = tmp_path / "empty.jsonl"
-        path.write_text(text)
-        with pytest.raises(ValueError, match=r"empty\.jsonl: empty file"):
-            read_quotes(str(path))
-
-
-def test_line_that_is_not_json_reports_file_and_line_number(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text(json.dumps(good_row()) + "\n\n{'quote': 'single quotes'}\n")
-    with pytest.raises(ValueError, match=r"q\.jsonl:3: not valid JSON \(") as error:
-        read_quotes(str(path))
-    assert "\n" not in str(error.value)
-
-
-def test_line_nested_too_deep_to_parse_is_reported_as_not_json(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text(json.dumps(good_row()) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(ValueError, match=r"q\.jsonl:2: not valid JSON \(maximum recursion depth"):
-        read_quotes(str(path))
-
-
-def test_json_array_file_says_jsonl_is_expected(tmp_path):
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps([good_row(), good_row()], indent=2))
-    with pytest.raises(ValueError, match=r"JSON array; expected JSONL \(one JSON object per line\)"):
-        read_quotes(str(path))
-
-
-def test_unusable_rows_are_skipped_and_counted_in_one_line(tmp_path):
-    rows = [
-        good_row(),
-        "just a string", [1, 2],                                # 2 not a JSON object
-        {"tags": ["a"]},                                       # 1 missing "quote"
-        {"quote": "q"},                                        # 1 missing "tags"
-        {"quote": 5, "tags": ["a"]}, {"quote": "  ", "tags": ["a"]},  # 2 bad quote
-        {"quote": "q", "tags": "love"}, {"quote": "q", "tags": [1]}, {"quote": "q", "tags": ["a", ""]},  # 3
-        {"quote": "q", "tags": []}, {"quote": "r", "tags": []},  # 2 empty tags
-    ]
-    pairs, skips = read_quotes(str(write_jsonl(tmp_path / "q.jsonl", rows)))
-    assert pairs == [("“Be yourself.”", ["honesty", "life"])]
-    assert skips == {"not a JSON object": 2, 'missing "quote"': 1, 'missing "tags"': 1,
-                     '"quote" not a non-empty string': 2, '"tags" not a list of non-empty strings': 3,
-                     "empty tags": 2}
-    assert describe_skips(skips) == ('skipped 11 rows: 3 "tags" not a list of non-empty strings, '
-                                     '2 "quote" not a non-empty string, 2 empty tags, 2 not a JSON object, '
-                                     '1 missing "quote", 1 missing "tags"')
-
-
-def test_escaped_lone_surrogate_is_skipped_not_passed_to_the_tokenizer(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text('{"quote": "ok", "tags": ["a"]}\n{"quote": "half \\ud800 a pair", "tags": ["a"]}\n')
-    pairs, skips = read_quotes(str(path))
-    assert pairs == [("ok", ["a"])]
-    assert skips == {"invalid Unicode (lone surrogate)": 1}
-
-
-def test_describe_skips_with_nothing_skipped():
-    assert describe_skips({}) == "skipped 0 rows"
-
-
-def test_file_with_no_usable_row_raises_naming_the_file_and_reasons(tmp_path):
-    path = write_jsonl(tmp_path / "q.jsonl", [{"quote": "q", "tags": []}])
-    with pytest.raises(ValueError, match=r"q\.jsonl: no usable rows \(skipped 1 row: 1 empty tags\)"):
-        read_quotes(str(path))
-
-
-def test_non_utf8_bytes_report_file_and_line_number(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_bytes(json.dumps(good_row()).encode() + b'\n{"quote": "caf\xe9", "tags": ["a"]}\n')  # latin-1 é
-    with pytest.raises(ValueError, match=r"q\.jsonl:2: not valid UTF-8"):
-        read_quotes(str(path))
-
-
-def test_crlf_line_endings_blank_lines_and_a_bom_are_read(tmp_path):
-    path = tmp_path / "q.jsonl"
-    lines = [json.dumps(good_row("a")), "", json.dumps(good_row("b", ["x"])), ""]
-    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
-    pairs, skips = read_quotes(str(path))
-    assert pairs == [("a", ["honesty", "life"]), ("b", ["x"])]
-    assert skips == {}
-
-
-def test_hub_source_downloads_quotes_jsonl_of_the_dataset_repo(tmp_path, monkeypatch):
-    local = write_jsonl(tmp_path / "quotes.jsonl", [good_row()])
-    calls = []
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
-    pairs, _ = read_quotes("Abirate/english_quotes")
-    assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl", "repo_type": "dataset",
-                      "local_files_only": False}]
-    assert pairs == [("“Be yourself.”", ["honesty", "life"])]
-
-
-def test_hub_failure_is_one_line_telling_to_pass_data(monkeypatch):
-    def offline(**kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # reached, then failed
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(FileNotFoundError, match="could not download.*pass a local JSONL file with --data") as error:
-        read_quotes("Abirate/english_quotes")
-    assert "\n" not in str(error.value)
 
 
 # -----------------------------------------------------------------------------
@@ -367,81 +225,3 @@ def test_load_dataset_reads_tokenizes_and_splits_with_counts(tmp_path):
     assert (len(train), len(val)) == (19, 2)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)  # tiny.py's <|begin_of_text|>, <|eot_id|>
     assert max(len(s["input_tokens"]) for s in train + val) == 40
-
-
-# -----------------------------------------------------------------------------
-# The hub out of reach (issue 11.8): one line within seconds, and paths taken for paths
-
-
-def test_train_on_a_local_model_with_the_default_data_offline_fails_in_one_line_at_once(
-        tmp_path, monkeypatch, capsys, unreachable_hub):
-    """Before: the hub client retried for 25-30 s, printing 13 lines, before the error."""
-    import time
-
-    import train
-    from tests.tiny import write_tiny_model
-    model = write_tiny_model(tmp_path / "model")
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()  # what writing the model printed
-    start = time.monotonic()
-    code = train.main(["--model", str(model), "--out", str(tmp_path / "out")])  # default --data
-    seconds = time.monotonic() - start
-    source = data.DEFAULT_DATASET
-    assert (code, capsys.readouterr().err.splitlines()) == (2, [
-        f"train.py: error: {source}: no such file, and could not download quotes.jsonl of the dataset "
-        f"{source!r} from the Hugging Face hub (cannot reach the hub, nor is it in the hub cache); "
-        "pass a local JSONL file with --data"])
-    assert seconds < 5
-
-
-def test_offline_a_dataset_in_the_hub_cache_is_still_used(tmp_path, unreachable_hub):
-    """The hub cache's own layout (refs/main names the snapshot), as hf_hub_download leaves it."""
-    repo = tmp_path / "hub-cache" / "datasets--Abirate--english_quotes"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    write_jsonl(repo / "snapshots" / ("0" * 40) / "quotes.jsonl", [good_row()])
-    assert read_quotes("Abirate/english_quotes")[0] == [("“Be yourself.”", ["honesty", "life"])]
-
-
-def test_missing_path_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()  # "data/quotes": a file of data/, not the hub repo "data" / "quotes"
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True, raising=False)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
-    with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file$"):
-        read_quotes("data/quotes")
-
-
-def test_missing_relative_path_offline_says_no_such_file(tmp_path, monkeypatch, unreachable_hub):
-    monkeypatch.chdir(tmp_path)  # no data/ here: "data/quotes" could be a hub id, but no hub answers
-    with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file, and could not download") as error:
-        read_quotes("data/quotes")
-    assert "\n" not in str(error.value)
-
-
-def test_hub_reachable_asks_hf_endpoint_and_respects_hf_hub_offline(monkeypatch):
-    import socket
-
-    import huggingface_hub.constants
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    listening = socket.create_server(("127.0.0.1", 0))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
-    with listening:
-        assert hub.hub_reachable()
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        assert not hub.hub_reachable()
-
-
-def test_hub_reachable_gives_up_after_its_timeout(monkeypatch):
-    """A DNS lookup or a connection that hangs does not hold the run: the answer comes in time."""
-    import socket
-    import time
-    def hang(*args, **kwargs):
-        time.sleep(3)
-        raise TimeoutError("timed out")
-    monkeypatch.setattr(socket, "create_connection", hang)
-    start = time.monotonic()
-    assert not hub._connects("hangs.example", 443, 0.2)
-    assert time.monotonic() - start < 1

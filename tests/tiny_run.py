@@ -4,6 +4,8 @@ A tiny random Llama (tiny.py), twenty quotes that its tokenizer knows, and the f
 to a second: float32 on the CPU (deterministic, so runs can be compared bit for bit), --max-len 64,
 batches of 4 (18 train quotes: 5 steps an epoch). Scripts run either as a user runs them (a
 subprocess) or through their main() (faster; used where nothing depends on the process itself).
+Also the few helpers that two test files share (quotes rows, random tokens, peft's logits), kept
+here once rather than copied.
 """
 import hashlib
 import json
@@ -21,6 +23,8 @@ import tiny
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(s.split(" | tags: ")[0], s.split(" | tags: ")[1].split(", ")) for s in tiny.SENTENCES[:5]]
 STEPS_PER_EPOCH = 5  # 20 quotes, 2 held out, batches of 4
+EPOCHS = 3  # the three_epochs run of conftest.py (test_train.py, test_resume.py)
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 _model_dirs = {}
 
 
@@ -48,10 +52,44 @@ def write_quotes(path, n=20):
     return Path(path)
 
 
+# ----------------------------------------------------------------------------- quotes rows (test_data, test_jsonl)
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def good_row(quote="“Be yourself.”", tags=("honesty", "life")):
+    return {"quote": quote, "author": "Oscar Wilde", "tags": list(tags)}
+
+
+# ----------------------------------------------------------------------------- random tokens (test_llama, test_loading)
+
+def tokens(vocab, shape, seed=0):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- peft (test_peft_export, test_peft_import)
+
+TOKENS = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(2))
+# peft warns that an adapter on a tied lm_head "can lead to complications": for LoRA on the
+# lm_head Linear (embeddings left alone) that is exactly what we mean, and the logits test it.
+TIED_WARNING = "ignore:Model has `tie_word_embeddings=True`:UserWarning"
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
 def train_args(model, data, out, *more):
     """argv of a small deterministic run; `more` adds or repeats flags (argparse keeps the last)."""
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--epochs", "1", "--max-len", "64",
             "--batch-size", "4", "--dtype", "float32", "--device", "cpu", *map(str, more)]
+
+
+def three_epoch_args(setup, out, *more):
+    return train_args(*setup, out, "--epochs", EPOCHS, *more)
 
 
 def _command(argv):
