@@ -1,22 +1,26 @@
-"""What the scripts share: argument types, the device and dtype, the validation loss, and the
-model with its adapter loaded as sample.py and eval.py need it.
+"""What the scripts share: argument types, the device and dtype, the validation loss, progress
+bars, pictures, and the model with its adapter loaded and completing prompts as sample.py and
+eval.py need it.
 
-train.py, sample.py, eval.py and bench.py import this file, so that no script imports another.
+train.py, sample.py and eval.py import this file, so that no script imports another; it imports
+only the core (llama.py, lora.py, data.py), never a chapter folder.
 """
 import argparse
+import importlib.util
 import math
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import data
-import export
-import kernels
+import lora
 from data import QuoteTokenizer
-from llama import DEFAULT_MODEL, Llama, autocast  # autocast: every script's, from llama.py
+from llama import DEFAULT_MODEL, Llama, autocast, generate, greedy  # autocast: every script's
 
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 
@@ -172,25 +176,6 @@ def torch_version():
     return tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-def grad_scaler(device, dtype):
-    """Loss scaling, for float16 only. float16's smallest normal number is 6e-5 (bf16's 1e-38):
-    gradients below it lose digits or become 0, so the loss is multiplied by a large scale
-    before backward and the gradients divided by it before the step; a step whose gradients
-    overflowed to inf is skipped and the scale halved. Disabled (a no-op) for bf16 and float32."""
-    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-
-
-def scaled_step(scaler, optimizer):
-    """optimizer.step() through the loss scaler: the gradients divided by the scale first, and
-    no step when one overflowed, the scale then halved (doubled after 2000 good steps).
-    Returns True for a skipped step. GradScaler says so nowhere in public: a lowered scale is
-    the sign (each get_scale() waits for the GPU; a disabled scaler never skips)."""
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    return scaler.get_scale() < scale
-
-
 def sync(device):
     """Wait for the device's queued work: a GPU returns from a call before it computed it, so a
     clock read without this times the launch, not the work."""
@@ -210,7 +195,8 @@ def validation_loss(model, samples, batch_size, pad_id, device, dtype):
     model.eval()
     total, count = 0.0, 0
     # Grouped by length (any fixed order gives the same sum): far less padding than file order.
-    for batch in data.batches(samples, batch_size, pad_id, shuffle=True, seed=0):
+    batches = data.batches(samples, batch_size, pad_id, shuffle=True, seed=0)
+    for batch in progress(batches, "validation loss", total=math.ceil(len(samples) / batch_size)):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
             loss = model(batch["input_tokens"], targets=batch["targets"])
@@ -218,6 +204,67 @@ def validation_loss(model, samples, batch_size, pad_id, device, dtype):
         count += data.count_supervised(batch)
     model.train(was_training)
     return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- progress, pictures
+
+def progress(iterable, what, total=None):
+    """tqdm's bar over iterable on stderr, for work that takes minutes (eval.py's scoring, the
+    anatomy of an adapter). On a terminal it redraws in place; in a log file it writes a line at
+    most every 30 seconds, so a log shows the work going on without filling up. Work done
+    within 10 seconds shows nothing."""
+    # delay: nothing at all for work done within 10 s (most validations, every test)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=what, total=total, file=sys.stderr, leave=False, delay=10)
+    return tqdm(iterable, desc=what, total=total, file=LineFile(sys.stderr), mininterval=30,
+                delay=10, ascii=True)
+
+
+class LineFile:
+    """A stream that ends each of tqdm's redraws (which start with \\r) as a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def can_plot():
+    """matplotlib is optional: --plot and `checkpoint.py plot` ask for it before any work."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_path_problem(path):
+    """What keeps savefig from writing `path` (a --plot PNG), or None: asked before minutes of
+    work, whose numbers a failed write would otherwise lose."""
+    if os.path.isdir(path):
+        return "is a folder; name the PNG file to write in it"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no such folder {folder}"
+    return None
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing into files only (the Agg backend: no window, no display): the
+    one place train.py's, eval.py's and the anatomy's pictures get it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    """Write fig to path, and free it: pyplot would keep every figure alive. Returns path."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- model and adapter
@@ -228,7 +275,7 @@ def pick_adapter(args):
         return None
     if args.adapter:
         return args.adapter
-    if (Path(DEFAULT_OUT) / export.ADAPTER_FILE).is_file():
+    if (Path(DEFAULT_OUT) / lora.ADAPTER_FILE).is_file():
         print(f"using the adapter in {DEFAULT_OUT}/ (train.py's default --out); "
               "--no-adapter for the base alone", file=sys.stderr)
         return DEFAULT_OUT
@@ -236,19 +283,48 @@ def pick_adapter(args):
     return None
 
 
-def load(args, device, dtype, prog):
-    """(model, tokenizer): the base from --model or the adapter's metadata, with the adapter in,
-    and kernels.py's speed layer on unless --no-kernels."""
-    adapter = pick_adapter(args)
-    meta = export.read_adapter(adapter)[1] if adapter else None
+def is_peft_folder(path):
+    """A folder in PEFT's format (adapter_config.json): export/peft.py reads it, not lora.py."""
+    return path is not None and (Path(path) / "adapter_config.json").is_file()
+
+
+def load(args, adapter, device, dtype, prog, read_adapter=lora.read_adapter):
+    """The model for sample.py and eval.py: the base from --model or the adapter's metadata,
+    with the adapter (a path, or None) in, read by read_adapter: lora.py's, or export/peft.py's
+    for a PEFT folder; attention as --attention asks. Returns (model, tokenizer)."""
+    tensors, meta = read_adapter(adapter) if adapter else (None, None)
     name = args.model or (meta and meta["base_model"]) or DEFAULT_MODEL  # PEFT's may name none
     model = Llama.from_pretrained(name, dtype=dtype, device=device)
+    model.set_attention(args.attention)
     if adapter:
         with warnings.catch_warnings(record=True) as caught:  # one line each, not file:line
             warnings.simplefilter("always")
-            export.load_adapter(model, adapter, alpha=args.alpha, expected_base=name)
+            lora.load_adapter(model, (tensors, meta), alpha=args.alpha, expected_base=name)
         for warning in caught:
-            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
-    if not args.no_kernels:
-        kernels.use(model)
+            print(f"{prog}: warning: {adapter}: {warning.message}", file=sys.stderr)
     return model, QuoteTokenizer.from_model_dir(model.model_dir)
+
+
+def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=generate):
+    """The text each prompt continues with, in the prompts' order. ids: prompts as token ids, bos
+    first; args: sample.py's and eval.py's flags (max_new_tokens, batch_size); pick: how a next
+    token is chosen (llama.greedy, or sample.py's sampler); generate: llama.generate, or the
+    speed chapter's packed one. Prompts of similar length share a batch. ValueError if a prompt
+    would pass the model's context."""
+    context = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + args.max_new_tokens > context:
+            raise ValueError(f"prompt {i + 1} is {len(p)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it passes the model's context of {context}")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    completions = [None] * len(ids)
+    batches = range(0, len(order), args.batch_size)
+    if len(batches) > 1:
+        batches = progress(batches, "writing tags (batches)")
+    for start in batches:
+        chunk = order[start:start + args.batch_size]
+        with autocast(device, dtype):
+            new = generate(model, [ids[i] for i in chunk], args.max_new_tokens, pick=pick)
+        for i, tokens in zip(chunk, new):
+            completions[i] = tokenizer.decode(tokens)
+    return completions

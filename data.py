@@ -209,6 +209,23 @@ def count_supervised(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
+def split_rows(batch: dict, pieces: int) -> list[dict]:
+    """Cut a batch's rows into `pieces` smaller batches (DDP's share of each process, gradient
+    accumulation's micro-batches), each trimmed to its own longest sample. A piece left without
+    a row (fewer rows than pieces) gets the first row with no target: it adds no loss and no
+    gradient, but every process still runs a forward and a backward, which DDP waits for."""
+    out = []
+    for rows in torch.arange(len(batch["lengths"])).tensor_split(pieces):
+        if not len(rows):
+            part = {k: v[:1].clone() for k, v in batch.items()}
+            part["targets"][:] = IGNORE_INDEX
+        else:
+            part = {k: v[rows] for k, v in batch.items()}
+        T = int(part["lengths"].max())
+        out.append({k: (v[:, :T] if v.ndim == 2 else v) for k, v in part.items()})
+    return out
+
+
 def batches(samples: list[dict], batch_size: int, pad_id: int, shuffle: bool = True,
             seed: int = 0, epoch: int = 0):
     """Yield batches of up to batch_size samples (see collate) covering every sample exactly

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import data
-import export
 import lora
-from checkpoint import can_plot, plot_path_problem, pyplot, save_figure
-from common import (HelpFormatter, alphas, load, pick_device, pick_dtype, positive, seed,
-                    validation_loss)
-from generate import complete_ids
+from common import (HelpFormatter, alphas, can_plot, complete, is_peft_folder, load,
+                    pick_device, pick_dtype, plot_path_problem, positive, pyplot, save_figure,
+                    seed, validation_loss)
+from llama import generate
 
 # The flags that fix train.py's split, with train.py's defaults.
 SPLIT_FLAGS = {"data": data.DEFAULT_DATASET, "seed": 0, "val_fraction": 0.1, "max_len": 256}
@@ -73,9 +72,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype")
     p.add_argument("--show", type=int, default=3, help="print this many example completions")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="score with llama.py's plain formulas, without kernels.py's speed layer")
+    p.add_argument("--kernels", action="store_true", help="score with the speed chapter (speed/): "
+                   "hand-written kernels, prompts read packed; the same scores, faster")
+    p.add_argument("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default
+    p.add_argument("--attention", choices=["sdpa", "written"], default="sdpa",
+                   help="sdpa: PyTorch's fused kernel; written: llama.attention(), step by step")
     args = p.parse_args(argv)
+    if args.kernels and (args.no_kernels or args.attention == "written"):
+        other = "--no-kernels" if args.no_kernels else "--attention written"
+        p.error(f"--kernels contradicts {other}")
     if not args.adapter and not args.no_adapter:
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
     if args.adapter and args.no_adapter:
@@ -97,7 +102,6 @@ def parse_args(argv=None):
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
-    args.temperature, args.top_k, args.top_p = 0.0, None, None  # greedy, as sample.py's default
     return args
 
 
@@ -107,7 +111,7 @@ def run_settings(adapter):
     if not adapter:
         return None, {}
     folder = Path(adapter)
-    if folder.name == export.ADAPTER_FILE:  # out/adapter.safetensors: out/ holds the run
+    if folder.name == lora.ADAPTER_FILE:  # out/adapter.safetensors: out/ holds the run
         folder = folder.parent
     path = folder / "run.json"
     if not os.path.isfile(path):  # False, not an error, for a name the OS refuses
@@ -197,7 +201,13 @@ def evaluate(args):
     result (a dict), or {"trained_alpha": the adapter's, "sweep": [one result per alpha]}."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = load(args, device, dtype, "eval.py")
+    adapter, read = None if args.no_adapter else args.adapter, lora.read_adapter
+    if is_peft_folder(adapter):  # PEFT's format is a chapter, imported only for its folders
+        from export.peft import read_peft as read
+    model, tokenizer = load(args, adapter, device, dtype, "eval.py", read)
+    if args.kernels:
+        from speed import kernels  # the speed chapter, imported only when asked for
+        kernels.use(model)
     _, val, _, _ = data.load_dataset(model.model_dir, args.data, args.max_len,
                                        args.val_fraction, args.seed)
     if not val:
@@ -224,8 +234,12 @@ def score(model, tokenizer, val, args, device, dtype):
     loss = validation_loss(model, val, args.batch_size, tokenizer.eos_id, device, dtype)
     result = {"alpha": in_use.pop() if in_use else None, "val_loss": loss}
     held_out = val[:args.n]
-    completions = complete_ids(model, tokenizer, [prompt_ids(s) for s in held_out], args, device,
-                               dtype)
+    ids = [prompt_ids(s) for s in held_out]
+    if args.kernels:
+        from speed.generate import generate_packed as generate_fn
+    else:
+        generate_fn = generate
+    completions = complete(model, tokenizer, ids, args, device, dtype, generate=generate_fn)
     result.update(tag_scores(completions, [s["tags"] for s in held_out]), n=len(held_out),
                   seconds=round(time.time() - t0, 1))
     for s, c in list(zip(held_out, completions))[:args.show]:

@@ -5,8 +5,9 @@
 
 Module and parameter names are Hugging Face's own (`model.layers.0.self_attn.q_proj.weight`), so a
 checkpoint's safetensors load without a renaming table and adapters export to PEFT without one.
-kernels.py is an optional speed layer that replaces some of these formulas with hand-written
-backward passes (`kernels.use(model)`); this file never needs it.
+These formulas are what train.py, sample.py and eval.py run by default. The speed chapter
+(speed/, switched on by --kernels) swaps some of them for hand-written backward passes; this file
+never imports it. The file ends with generation: a KV-cached loop, a token a step.
 """
 import math
 from contextlib import nullcontext
@@ -122,7 +123,8 @@ def attention(q, k, v, mask=None):
     grouped-query heads (Ainslie et al. 2023): n_heads / n_kv_heads query heads share a kv head.
     q (B, heads, T, hd), k and v (B, kv_heads, S, hd); mask (B, 1, T, S) bool, True where a query
     may look, or None for causal (query t sees keys up to S - T + t). Returns (B, heads, T, hd).
-    The model runs F.scaled_dot_product_attention, the same formula fused (tests compare them)."""
+    Attention.attend runs this with --attention written; by default it runs PyTorch's fused
+    F.scaled_dot_product_attention, the same formula (tests/test_llama.py compares the two)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, heads, S, hd): each kv head to its query heads
     v = v.repeat_interleave(groups, dim=1)
@@ -160,6 +162,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
+        self.kind = "sdpa"  # or "written": attention() above (Llama.set_attention)
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         d, hd = config.hidden_size, config.head_dim
         self.head_dim = hd
@@ -180,8 +183,11 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, attn_mask):
-        """attention() above, run by PyTorch's fused kernel: it shares each kv head with its query
-        heads itself (enable_gqa), without copying k and v out to every head."""
+        """attention() above, as written, or (the default) run by PyTorch's fused kernel, which
+        shares each kv head with its query heads itself (enable_gqa) instead of copying k and v
+        out to every head, and never holds the (T, S) scores of all heads at once."""
+        if self.kind == "written":
+            return attention(q, k, v, attn_mask)
         causal = attn_mask is None and k.shape[2] == q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                               enable_gqa=self.n_heads != self.n_kv_heads)
@@ -240,6 +246,14 @@ class Llama(nn.Module):
         # and runs the layer's forward again. Activations shrink to about a tenth; a LoRA step
         # (forward, then a backward with no weight gradients, about as long) takes ~1.5x the time.
         self.recompute = False
+
+    def set_attention(self, kind):
+        """'sdpa' (the default): F.scaled_dot_product_attention; 'written': attention() above, the
+        formula step by step (slower, more memory: the scores of every head are kept)."""
+        if kind not in ("sdpa", "written"):
+            raise ValueError(f"attention must be 'sdpa' or 'written', got {kind!r}")
+        for layer in self.model.layers:
+            layer.self_attn.kind = kind
 
     def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
         """tokens (B, T) -> final-normed hidden states (B, T, d).
@@ -310,3 +324,76 @@ class Llama(nn.Module):
         model.inv_freq = rope_inv_freq(config).to(device)  # a buffer, made on "meta" above
         model.name_or_path, model.model_dir = str(name_or_path), model_dir
         return model.eval()
+
+
+# ----------------------------------------------------------------------------- generation
+
+def greedy(logits):
+    """logits (B, vocab) -> the likeliest next token of each row, (B,)."""
+    return logits.argmax(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=32, eos_ids=None, pick=greedy):
+    """Continue each prompt (a list of token ids) until an eos id or max_new_tokens; returns the
+    new ids of each prompt, eos left out. pick(logits (B, vocab)) -> (B,) chooses each next token
+    (greedy by default; sample.py passes temperature, top-k and top-p sampling).
+
+    The prompts are padded on the left into one batch, so that every row's next token sits in the
+    same column; one forward reads them all and fills the KV cache, then each step feeds the B new
+    tokens alone."""
+    device = model.inv_freq.device
+    valid, positions = left_padded(prompts, max_new_tokens, device)  # (B, S)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), 0 on the pads
+    tokens[valid[:, :P]] = torch.tensor([t for p in prompts for t in p], device=device)
+    # A real token sees the real tokens up to itself. A pad sees only the pads (all on its left):
+    # a query that sees nothing would make softmax divide by zero, and its NaN reach the cache.
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
+    mask = causal & (valid[:, None, :P] | ~valid[:, :P, None])  # (B, T=P, S=P)
+    cache = KVCache(model.config, P + max_new_tokens)
+    logits = model(tokens, positions[:, :P], cache, mask[:, None])[:, -1]  # (B, vocab)
+    return decode(model, logits, cache, valid, positions, eos_ids, pick)
+
+
+def left_padded(prompts, max_new_tokens, device):
+    """(valid, positions), both (B, P + max_new_tokens) with P the longest prompt: every prompt
+    ends at column P. valid is True on real tokens; positions count from each row's first real
+    token (0 on the pads). ValueError for no prompt, an empty one, or max_new_tokens < 1."""
+    if max_new_tokens < 1 or not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("generate needs max_new_tokens >= 1 and non-empty prompts")
+    P = max(len(p) for p in prompts)
+    valid = torch.zeros(len(prompts), P + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        valid[i, P - len(p):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return valid, positions
+
+
+def decode(model, logits, cache, valid, positions, eos_ids=None, pick=greedy):
+    """A token a step, the prompts already in `cache` (P = cache.length columns). logits
+    (B, vocab) follow each prompt; valid and positions (B, S) as left_padded() made them."""
+    eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
+    B, P = valid.shape[0], cache.length
+    steps = valid.shape[1] - P
+    out = torch.zeros(B, steps, dtype=torch.long, device=valid.device)
+    done = torch.zeros(B, dtype=torch.bool, device=valid.device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=valid.device)
+    for t in range(steps):
+        nxt = pick(logits)  # (B,)
+        out[:, t] = nxt
+        done |= torch.isin(nxt, eos)
+        if t == steps - 1 or bool(done.all()):  # a row past its eos runs on; until_eos cuts it
+            break
+        # The new token (B, 1) at column P + t sees every real column so far: (B, 1, 1, P + t + 1).
+        mask = valid[:, None, None, :P + t + 1]
+        logits = model(nxt[:, None], positions[:, P + t:P + t + 1], cache, mask)[:, -1]
+    return [until_eos(row, eos_ids) for row in out[:, :t + 1].tolist()]
+
+
+def until_eos(ids, eos_ids):
+    """ids up to the first eos id, which is left out."""
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[:i]
+    return ids

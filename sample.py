@@ -4,7 +4,8 @@
     python sample.py --alpha-sweep 0,0.25,4,16 "Be yourself. | tags:"   # one line per alpha
 
 The adapter comes from train.py's --out folder (default: out/ when it exists) and is merged into
-the weights. The decoding loop itself (a KV cache, a token a step) is in generate.py.
+the weights. The decoding loop itself (a KV cache, a token a step) is llama.generate(); this file
+chooses each next token: greedy, or sampled with a temperature, top-k and top-p.
 --alpha-sweep writes the same prompts at each alpha instead, the adapter kept apart: alpha 0 is
 the base, and far past the trained alpha the method's "concussion" shows (the model forgets how
 to write).
@@ -15,12 +16,48 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, alphas, load, pick_device, pick_dtype, positive,
-                    seed)
+from common import (DEFAULT_OUT, HelpFormatter, alphas, complete, is_peft_folder, load,
+                    pick_adapter, pick_device, pick_dtype, positive, seed)
 from data import SEPARATOR
-from generate import complete_ids
-from llama import DEFAULT_MODEL
+from llama import DEFAULT_MODEL, generate, greedy
+
+
+# ----------------------------------------------------------------------------- the next token
+
+def sampler(temperature=0.0, top_k=None, top_p=None, generator=None):
+    """pick(logits (B, vocab)) -> next tokens (B,), for llama.generate: greedy at temperature 0,
+    else a draw from softmax(logits / temperature) among the tokens top-k and top-p leave."""
+    if temperature <= 0:
+        return greedy
+
+    def pick(logits):
+        probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return pick
+
+
+def filter_logits(logits, temperature, top_k=None, top_p=None):
+    """logits (B, vocab) / temperature, -inf on the tokens top-k and top-p leave out: the rules of
+    transformers' Temperature-, TopK- and TopPLogitsWarper, in that order, boundaries included."""
+    # Each row's largest logit moved to 0 first: softmax is the same, and a tiny temperature
+    # (1e-40) then sends the others to -inf instead of every logit to +-inf and softmax to NaN.
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    if top_k:  # every token tied with the k-th stays
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # The smallest set of likeliest tokens whose mass reaches top_p: from the least likely
+        # up, a token goes while it and all below it hold at most 1 - top_p. Four equal tokens,
+        # top_p 0.5: two go, since the two left already hold 0.5. The likeliest always stays.
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 # ----------------------------------------------------------------------------- the command
@@ -54,9 +91,15 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
         help="compute dtype")
-    add("--no-kernels", action="store_true",
-        help="generate with llama.py's plain formulas, without kernels.py's speed layer")
+    add("--kernels", action="store_true", help="generate with the speed chapter (speed/): "
+        "prompts read packed, one-query attention on the CPU; the same tokens, faster")
+    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
+    add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
+        "fused kernel; written: llama.attention(), the formula step by step")
     args = p.parse_args(argv)
+    if args.kernels and (args.no_kernels or args.attention == "written"):
+        other = "--no-kernels" if args.no_kernels else "--attention written"
+        p.error(f"--kernels contradicts {other}")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
     if args.alpha_sweep and (args.no_adapter or args.alpha is not None):
@@ -77,7 +120,8 @@ def read_prompts(args):
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts-file {path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of prompt 1
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError("no prompt: pass one as an argument or use --prompts-file")
@@ -102,10 +146,16 @@ def shape_prompts(prompts):
     return shaped
 
 
-def complete(model, tokenizer, prompts, args, device, dtype):
-    """Completions of the prompts (texts), in their order: generate.py's complete_ids()."""
+def complete_prompts(model, tokenizer, prompts, args, device, dtype):
+    """Completions of the prompts (texts), in their order: common.complete() with this file's
+    sampler, seeded by --seed; with --kernels, the speed chapter's packed generation."""
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    return complete_ids(model, tokenizer, ids, args, device, dtype)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    pick = sampler(args.temperature, args.top_k, args.top_p, generator)
+    if args.kernels:
+        from speed.generate import generate_packed
+        return complete(model, tokenizer, ids, args, device, dtype, pick, generate_packed)
+    return complete(model, tokenizer, ids, args, device, dtype, pick, generate)
 
 
 def sweep(model, tokenizer, prompts, args, device, dtype):
@@ -117,7 +167,8 @@ def sweep(model, tokenizer, prompts, args, device, dtype):
     by_alpha = []
     for alpha in args.alpha_sweep:
         lora.set_alpha(model, alpha)
-        by_alpha.append((alpha, complete(model, tokenizer, prompts, args, device, dtype)))
+        by_alpha.append((alpha, complete_prompts(model, tokenizer, prompts, args, device,
+                                                  dtype)))
     return by_alpha
 
 
@@ -139,7 +190,13 @@ def main(argv=None):
         prompts = read_prompts(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        model, tokenizer = load(args, device, dtype, "sample.py")
+        adapter, read = pick_adapter(args), lora.read_adapter
+        if is_peft_folder(adapter):  # PEFT's format is a chapter, imported only for its folders
+            from export.peft import read_peft as read
+        model, tokenizer = load(args, adapter, device, dtype, "sample.py", read)
+        if args.kernels:
+            from speed import kernels  # the speed chapter, imported only when asked for
+            kernels.use(model)
         prompts = shape_prompts(prompts)  # its note after load's lines, and only if it loaded
         if args.alpha_sweep:
             by_alpha = sweep(model, tokenizer, prompts, args, device, dtype)
@@ -148,7 +205,7 @@ def main(argv=None):
             # token costs the base model's products, not two more small ones (and casts) per
             # Linear.
             lora.merge_lora(model)
-            completions = complete(model, tokenizer, prompts, args, device, dtype)
+            completions = complete_prompts(model, tokenizer, prompts, args, device, dtype)
     except (ValueError, TypeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

@@ -2,10 +2,14 @@
 
     python train.py --r 8 --alpha 0.125
 
+What runs: llama.py's formulas and lora.py's LoraModule, exactly as written. --kernels swaps in the
+speed chapter's hand-written backward passes (speed/kernels.py): the same numbers, faster.
+
 The method: every nn.Linear of the model becomes a LoraModule (frozen W plus alpha * B A), both A
 and B start random, alpha starts small (0.125) and doubles after every epoch, and the loss is the
-cross-entropy of the predictions after the separator only. Multi-GPU: `torchrun --nproc_per_node N
-train.py ...` (DDP, see ddp.py; rank 0 logs and writes).
+cross-entropy of the predictions after the separator only. After each epoch the adapter is
+scored on held-out quotes; out/adapter.safetensors keeps the best one. Several GPUs:
+`torchrun --nproc_per_node N train.py ...` (DDP: each process takes its share of every batch).
 
 Exit status: 0 done (or --max-steps reached, or nothing left to --resume), 1 training failed
 (loss not finite, out of memory), 2 bad input (flags, files, --out), 128 + signal when stopped by
@@ -13,20 +17,21 @@ Ctrl-C (130) or SIGTERM (143) after writing a checkpoint. Plot a run: python che
 """
 import argparse
 import math
+import os
 import signal
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import data
-import ddp
-import kernels
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, autocast, dtype_choice, grad_scaler, pick_device,
-                    positive, scaled_step, seed, validation_loss)
+from common import (DEFAULT_OUT, HelpFormatter, autocast, can_plot, dtype_choice, pick_device,
+                    positive, seed, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
@@ -40,27 +45,30 @@ def parse_args(argv=None):
     add("--out", default=DEFAULT_OUT, help="folder for adapter, checkpoint and metrics.jsonl")
     add("--r", type=positive(int), default=8, help="LoRA rank: A is (r, in), B is (out, r)")
     add("--alpha", type=positive(float), default=0.125,
-        help="starting alpha: forward = W x + alpha * B A x")
+        help="starting alpha: forward = W x + alpha * B A x (PEFT's lora_alpha / r)")
     add("--alpha-schedule", choices=["double", "constant"], default="double",
         help="double alpha after every epoch (the method), or keep it")
     add("--epochs", type=positive(int), default=3, help="passes over the training quotes")
     add("--batch-size", type=positive(int), default=8,
-        help="quotes per optimizer step (all ranks together)")
+        help="quotes per optimizer step (all processes together)")
     add("--grad-accum", type=positive(int), default=1,
-        help="micro-batches per rank per step (saves memory)")
+        help="micro-batches per process per step (saves memory)")
     add("--recompute", action="store_true", help="activation checkpointing: keep each layer's "
         "input only, run the layer again in the backward pass")
-    add("--no-kernels", action="store_true", help="train on llama.py's plain formulas, without "
-        "kernels.py's hand-written backward passes; the same results up to rounding, slower "
-        "and with more memory")
+    add("--kernels", action="store_true", help="train with the speed chapter (speed/kernels.py): "
+        "hand-written backward passes, the same results up to rounding in less time and memory")
+    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
+    add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
+        "fused kernel; written: llama.attention(), the formula step by step (slower)")
     add("--lr", type=positive(float), default=1e-3, help="AdamW learning rate of the LoRA weights")
     add("--max-steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (counted from the run's start, also on "
         "--resume); default: all of --epochs")
     add("--targets", default="all", help="comma list of Linear names to adapt, "
         "e.g. q_proj,v_proj; 'all' = every Linear")
-    add("--init", choices=lora.INITS, default="seed",
-        help="seed: A and B random (the method); zero: B = 0 (standard LoRA)")
+    add("--init", type=lambda s: "random" if s == "seed" else s, choices=lora.INITS,
+        default="random", help="random: A and B random (the method); zero: B = 0 (standard "
+        "LoRA)")
     add("--loss", choices=["ce", "sigmoid-ce"], default="ce", help="ce: cross-entropy of the "
         "logits; sigmoid-ce: of sigmoid(logits), as the original recipe did")
     add("--device", default="auto",
@@ -76,18 +84,39 @@ def parse_args(argv=None):
         help="longest sample in tokens; longer quotes are cut")
     add("--checkpoint-every", type=positive(int), default=100,
         help="also checkpoint every N steps")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
+        "with its settings from run.json (a flag given again must agree)")
     add("--overwrite", action="store_true",
         help="start over in --out; the old run is moved aside, not deleted")
     add("--plot", action="store_true", help="write loss.png into --out (needs matplotlib)")
     args = p.parse_args(argv)
-    if args.plot and not checkpoint.can_plot():  # now, not after hours of training
+    args.given = given_flags(p, argv)  # --resume takes the others from run.json
+    if args.plot and not can_plot():  # now, not after hours of training
         p.error("--plot needs matplotlib: pip install matplotlib")
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
+    if args.kernels and args.no_kernels:
+        p.error("--kernels and --no-kernels contradict each other")
+    if args.kernels and args.attention == "written":
+        p.error("--attention written runs llama.attention(); --kernels replaces it: pick one")
     return args
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags on the command line: the parser again, every default
+    suppressed, so that only what was typed lands in the namespace."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if action.nargs == 0:
+                kwargs["action"] = "store_const" if action.const is not None else "store_true"
+                if action.const is not None:
+                    kwargs["const"] = action.const
+            quiet.add_argument(*action.option_strings, **kwargs)
+    return set(vars(quiet.parse_known_args(argv)[0]))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -106,23 +135,32 @@ def masked_loss_sum(model, batch, loss_kind):
     return F.cross_entropy(logits.float(), batch["targets"][where], reduction="sum")
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
 def train(args):
-    """Model, data and adapter, then the loop; returns the exit status. What the run leaves in
-    --out (checkpoint.py) and how processes share the work (ddp.py) sit behind named calls."""
-    rank, local_rank, world = ddp.setup()
+    """Set up processes, model, data and adapter, then run the loop; returns the exit status."""
+    # torchrun starts one process per GPU and sets RANK; plain `python train.py` is one process.
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
     master = rank == 0  # rank 0 alone prints and writes
-    device = ddp.local_device(pick_device(args.device), world, local_rank)
-    dtype, why = dtype_choice(args.dtype, device)  # why: for the run's first line
-    args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it: --resume checks
+    device = pick_device(args.device)
+    if ddp and device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process
     checkpoint.check_out(args)
-    done = checkpoint.already_done(args)  # --resume of a run at its end: say so, write nothing
-    if done:
+    length = checkpoint.take_run_settings(args, args.given)  # --resume: the run's own settings
+    dtype, why = dtype_choice(args.dtype, device)  # why: for the run's first line
+    args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it
+    checkpoint.check_compute_dtype(args)
+    if (done := checkpoint.already_done(args)):  # a run at its end: say so, write nothing
         if master:
             say(done)
         return 0
-    ddp.barrier(world)  # every rank has read --out before rank 0 changes it
+    if ddp:
+        dist.barrier()  # every rank has read --out before rank 0 changes it
 
     model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen, compute dtype
     train_set, val_set, tokenizer, info = data.load_dataset(
@@ -135,131 +173,266 @@ def train(args):
     if args.targets != "all":
         lora_targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init, targets=lora_targets)
-    if not args.no_kernels:
-        kernels.use(model)  # hand-written backward passes: the same steps in less time and memory
+    if args.kernels:
+        from speed import kernels  # the chapter, imported only when asked for
+        kernels.use(model)
+    model.set_attention(args.attention)
     model.recompute = args.recompute  # the same arithmetic: only memory and time change
     model.train()
     optimizer = torch.optim.AdamW(lora.lora_parameters(model), lr=args.lr, weight_decay=0.0)
+    # float16 only (bf16 and float32 need none): the loss is multiplied by a large scale before
+    # backward, so that small gradients stay above float16's smallest numbers (6e-5), and the
+    # gradients divided by it again before AdamW; a step whose gradients overflowed is skipped.
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     pad_id = tokenizer.eos_id  # any id: padded positions are never attended to nor supervised
     if master:
-        print(summary(args, model, info, device, dtype, why, world), file=sys.stderr)
+        say(summary(args, model, info, device, dtype, why, world), prefix="")
+        if length:
+            say(f"resuming with the run's settings from {args.out}/run.json; {length}", "")
+        checkpoint.prepare_out(args)  # the first write into --out
 
-    scaler = grad_scaler(device, dtype)  # float16's loss scaling; a no-op in bf16 and float32
-    run = checkpoint.Run(args, model, optimizer, master, scaler)  # --out, resume, metrics, stop
-    ddp.barrier(world)  # the other ranks read --out (--resume) only once rank 0 has prepared it
-    first_epoch, batches_done, step = run.start()
-    raw_model, model = model, ddp.wrap(model, world, local_rank, device)
+    stop = {"signal": None}  # Ctrl-C or SIGTERM: finish the step, checkpoint, leave
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    if ddp:
+        dist.barrier()  # the other ranks read --out (--resume) only once rank 0 has prepared it
+    at = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0, "best": None}
+    if args.resume:
+        at = checkpoint.load(args.out, model, optimizer, scaler)
+        if master:
+            checkpoint.keep_metrics_until(args.out, at["step"])
+            say(f"resuming after step {at['step']} (epoch {at['epoch'] + 1}, batch "
+                f"{at['batches_done'] + 1})", "")
+    raw_model = model
+    if ddp:  # averages the LoRA gradients over the processes in every backward pass
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
 
     def val_loss():  # plain cross-entropy per tag token on the held-out quotes; rank 0 alone
         return validation_loss(raw_model, val_set, args.batch_size, pad_id, device, dtype)
 
+    def save(epoch, batches_done, best_too=False):
+        if master:
+            position = dict(epoch=epoch, batches_done=batches_done, step=step, alpha=alpha,
+                            skipped_steps=skipped_steps, best=best)
+            checkpoint.save(args.out, raw_model, optimizer, scaler, position, args.model,
+                            best_too)
+        saved["step"], saved["epoch"] = step, epoch
+
     if master and not args.resume:
         before = val_loss()
-        run.log(kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=before)
-        print(f"validation loss before training: {before:.4f}", file=sys.stderr)
+        checkpoint.log(args.out, kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=before)
+        say(f"validation loss before training: {before:.4f}", "")
 
+    # ------------------------------------------------------------------------- the loop
+    step, skipped_steps, best = at["step"], at["skipped_steps"], at["best"]
+    saved = {"step": at["step"] if args.resume else None, "epoch": at["epoch"]}
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    last = False
-    for epoch in range(first_epoch, args.epochs):
+    last = at_max_steps = False
+    stopped = None
+    for epoch in range(at["epoch"], args.epochs):
         # The method: a random B perturbs the model from the first step, so alpha starts small
         # and doubles every epoch, as A and B learn.
         alpha = args.alpha * 2 ** epoch if args.alpha_schedule == "double" else args.alpha
         lora.set_alpha(raw_model, alpha)
-        t0, tokens_seen = time.time(), 0
-        epoch_batches = data.batches(train_set, args.batch_size, pad_id, seed=args.seed,
-                                     epoch=epoch)
-        for i, batch in enumerate(epoch_batches):
-            if epoch == first_epoch and i < batches_done:
+        clock = Clock(epoch, steps_per_epoch)
+        for i, batch in enumerate(data.batches(train_set, args.batch_size, pad_id,
+                                               seed=args.seed, epoch=epoch)):
+            if epoch == at["epoch"] and i < at["batches_done"]:
                 continue  # resuming mid-epoch: the order is a function of (seed, epoch)
-            loss, skipped = train_step(model, optimizer, scaler, batch, args, rank, world,
-                                       device, dtype)
-            step += 1
-            run.check_finite(loss, step)
-            tokens_seen += int(batch["lengths"].sum())
-            speed = tokens_seen / (time.time() - t0)
-            run.log(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
-                    tokens_per_s=speed, **run.count_step(skipped))
-            # Every rank leaves after the same step: on --max-steps, or a signal any of them got.
-            last = run.is_last_step(step, ddp.stop_signal(run.stop, world, device))
+            n_supervised = data.count_supervised(batch)  # tag tokens of the whole batch
+            n_tokens = int(batch["lengths"].sum())
+            if ddp:
+                batch = data.split_rows(batch, world)[rank]  # this process's share of the rows
+            loss_sum = torch.zeros((), device=device)
+            for k, micro in enumerate(data.split_rows(batch, args.grad_accum)):
+                if ddp:  # average the gradients over the processes after the last micro-step
+                    model.require_backward_grad_sync = k == args.grad_accum - 1
+                micro = {key: v.to(device) for key, v in micro.items()}
+                with autocast(device, dtype):
+                    loss = masked_loss_sum(model, micro, args.loss)  # summed over tag tokens
+                # / n_supervised: the mean over the whole batch however it is split; * world
+                # undoes DDP's average over the processes
+                scaler.scale(loss * world / n_supervised).backward()
+                loss_sum += loss.detach()
+            if ddp:
+                dist.all_reduce(loss_sum)  # the loss of the whole batch, on every rank
+            loss = loss_sum.item() / n_supervised
+            if not math.isfinite(loss):  # a step would carry the inf or NaN into A and B
+                raise FloatingPointError(not_finite(loss, step + 1, saved["step"], args, scaler))
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # float16: gradients divided by the scale; skipped on inf
+            scaler.update()  # float16: halve the scale after an overflow, else grow it slowly
+            skipped = scaler.get_scale() < scale  # the one sign of a skipped step
+            optimizer.zero_grad(set_to_none=True)
+            step, skipped_steps = step + 1, skipped_steps + skipped
+            tokens_per_s = clock.tick(n_tokens)
             if master:
-                progress(epoch, args.epochs, i + 1, steps_per_epoch, loss, alpha, speed,
-                         final=last or i + 1 == steps_per_epoch)
-            if i + 1 < steps_per_epoch:
-                run.maybe_checkpoint(epoch, i + 1, step, alpha, last)
-            else:  # the end of the epoch: validate, then checkpoint at the next epoch's start
-                run.end_of_epoch(epoch, step, alpha, val_loss() if master else None)
+                row = dict(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
+                           tokens_per_s=tokens_per_s)
+                if scaler.is_enabled():
+                    row.update(skipped=skipped, skipped_steps=skipped_steps,
+                               loss_scale=scaler.get_scale())
+                checkpoint.log(args.out, **row)
+            # The stop checks: every rank leaves after the same step.
+            stopped = agreed_signal(stop, ddp, device)
+            at_max_steps = bool(args.max_steps and step >= args.max_steps)
+            last = at_max_steps or stopped is not None
+            if master:
+                clock.show(i + 1, loss, alpha, args.epochs, final=last)
+            if i + 1 == steps_per_epoch:  # the epoch's end: validate, keep the best, checkpoint
+                val = val_loss() if master else None
+                is_best = master and (best is None or val < best["val_loss"])
+                if is_best:
+                    best = {"epoch": epoch + 1, "val_loss": val, "step": step}
+                if master:
+                    checkpoint.log(args.out, kind="eval", step=step, epoch=epoch + 1,
+                                   alpha=alpha, val_loss=val, best=is_best)
+                    say(f"epoch {epoch + 1}: validation loss {val:.4f} (alpha {alpha})"
+                        + (", the best so far: kept" if is_best else ""), "")
+                save(epoch + 1, 0, best_too=is_best)
+            elif last or step % args.checkpoint_every == 0:
+                save(epoch, i + 1)
             if last:
                 break
         if last:
             break
-    ddp.check_ranks_agree(raw_model, world, device)
-    status = run.finish(step)
-    ddp.barrier(world)  # no rank leaves while rank 0 still writes, or gloo still talks
-    return status
+    if ddp:
+        check_ranks_agree(raw_model, world, device)
+    return finish(args, master, step, skipped_steps, best, saved,
+                  None if at_max_steps else stopped)
 
 
-def train_step(model, optimizer, scaler, batch, args, rank, world, device, dtype):
-    """One optimizer step on one global batch, skipped if the loss is not finite. Every rank sees
-    the whole batch, takes its share of micro-batches (ddp.my_share), and divides by the supervised
-    tokens of the whole batch: the gradient is then the same however the batch is split over
-    ranks and micro-steps. With one process the share is the whole batch, cut into --grad-accum
-    micro-batches of weight 1 (a weight 0 only pads an empty share under DDP).
+# ----------------------------------------------------------------------------- around the loop
 
-    In float16 the scaler (common.grad_scaler) multiplies the loss before backward, so that small
-    gradients stay above float16's smallest numbers, and divides the gradients by it again before
-    AdamW; when a gradient overflowed to inf or NaN it skips AdamW's step and halves the scale.
-    Returns (loss, skipped): skipped is True for such a step (never in bf16 or float32)."""
-    n_supervised = data.count_supervised(batch)
-    total = torch.zeros((), device=device)
-    for micro, weight in ddp.my_share(model, batch, args.grad_accum, rank, world):
-        micro = {k: v.to(device) for k, v in micro.items()}
-        with autocast(device, dtype):
-            loss_sum = masked_loss_sum(model, micro, args.loss) * weight
-        # DDP averages over ranks (undone by * world); the scale is 1 outside float16
-        scaler.scale(loss_sum * world / n_supervised).backward()
-        total += loss_sum.detach()
-    loss = ddp.sum_over_ranks(total, world).item() / n_supervised
-    skipped = False
-    if math.isfinite(loss):  # a step on an inf or NaN loss would carry it into the weights
-        # unscale, then AdamW unless a gradient overflowed; every rank agrees (the same grads)
-        skipped = scaled_step(scaler, optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    return loss, skipped
+def agreed_signal(stop, ddp, device):
+    """The signal any process received, or None. A signal may reach the processes a step apart;
+    they must all leave after the same step, or the ones still training wait forever."""
+    if not ddp:
+        return stop["signal"]
+    flag = torch.tensor([stop["signal"] or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(flag) or None
+    return stop["signal"]
+
+
+def check_ranks_agree(raw_model, world, device):
+    """DDP keeps the copies equal by averaging gradients before every step; check it, not trust it:
+    rank 0 alone saves, so a diverged rank would otherwise go unnoticed."""
+    flat = torch.cat([t.double().flatten() for t in lora.lora_state_dict(raw_model).values()])
+    # A weighted sum beside the plain one: it sees two values swapped too.
+    weights = torch.arange(1, len(flat) + 1, device=flat.device, dtype=flat.dtype)
+    mine = torch.stack([flat.sum(), (flat * weights).sum()]).to(device)
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if not all(torch.equal(everyone[0], other) for other in everyone):
+        sums = [c.tolist() for c in everyone]
+        raise RuntimeError(f"DDP ranks ended with different adapters (checksums {sums})")
+    if dist.get_rank() == 0:
+        say(f"all {world} processes end with the same adapter", "")
+
+
+def not_finite(loss, step, saved_step, args, scaler):
+    """The message when the loss is inf or NaN: no step was taken on it, so the checkpoint in
+    --out holds good weights; say which."""
+    kept = "no checkpoint yet"
+    if saved_step is not None:
+        kept = f"the checkpoint of step {saved_step} in {args.out} is kept"
+    hint = "try a lower --lr or --alpha"
+    if scaler.is_enabled():  # loss scaling cannot help a forward pass that overflowed
+        hint += ", or --dtype bfloat16 or float32: float16 stops at 65504"
+    return f"loss became {loss} at step {step}; stopped, {kept} ({hint})"
+
+
+def finish(args, master, step, skipped_steps, best, saved, sig):
+    """The last lines, and the exit status: 0, or 128 + the signal that stopped the run."""
+    if sig:
+        if master:
+            say(f"stopped by {signal.Signals(sig).name} at step {step}; checkpoint saved in "
+                f"{args.out}, continue with --resume", "")
+        return 128 + sig
+    if not master:
+        return 0
+    skipped = ""
+    if skipped_steps:
+        skipped = (f" ({skipped_steps} skipped: float16 gradients overflowed, the loss scale "
+                   "was lowered)")
+    adapter = f"{args.out}/{lora.ADAPTER_FILE}"
+    if best:
+        kept = (f"{adapter} holds the adapter of epoch {best['epoch']} (validation loss "
+                f"{best['val_loss']:.4f}, the best); the last one is {args.out}/"
+                f"{checkpoint.LAST_ADAPTER}")
+    else:
+        kept = f"adapter saved in {adapter} (not validated yet: no epoch has ended)"
+    if saved["epoch"] < args.epochs:  # --max-steps, mid-run
+        say(f"reached --max-steps {args.max_steps} at step {step}{skipped} (epoch "
+            f"{saved['epoch'] + 1}/{args.epochs}): {kept}; --resume with a larger "
+            "--max-steps, or none, goes on", "")
+    else:
+        say(f"done: {args.epochs} epoch(s), {step} steps{skipped}; {kept}", "")
+    if args.plot:
+        say(f"wrote {checkpoint.plot(args.out)}", "")
+    return 0
 
 
 # ----------------------------------------------------------------------------- what it prints
 
 def summary(args, model, info, device, dtype, why, world):
     trainable, total = lora.count_parameters(model)
+    formulas = ("speed/kernels.py's hand-written backward passes (--kernels)" if args.kernels
+                else f"llama.py and lora.py as written, attention: {args.attention}")
     return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
             f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
             f"{data.describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
-            f"{str(dtype).replace('torch.', '')} ({why}), "
-            f"{world} process(es)")
+            f"{str(dtype).replace('torch.', '')} ({why}), {world} process(es); "
+            f"formulas: {formulas}")
+
+
+class Clock:
+    """The epoch's speed and the progress line. On a terminal one line is rewritten in place
+    after every step; in a log file a line after the first step, then one at least every
+    EVERY seconds, and the epoch's last step: a slow CPU still shows it is alive."""
+    EVERY = 30.0
+
+    def __init__(self, epoch, steps):
+        self.epoch, self.steps = epoch, steps
+        self.start, self.tokens, self.done, self.shown = time.time(), 0, 0, None
+
+    def tick(self, tokens):
+        """Count one step of `tokens` tokens; returns the epoch's tokens per second so far."""
+        self.tokens, self.done = self.tokens + tokens, self.done + 1
+        return self.tokens / max(time.time() - self.start, 1e-9)
+
+    def show(self, i, loss, alpha, epochs, final=False):
+        global _line_open
+        now = time.time()
+        left = (now - self.start) / self.done * (self.steps - i)  # this session's pace
+        line = (f"epoch {self.epoch + 1}/{epochs} step {i}/{self.steps} loss {loss:.4f} "
+                f"alpha {alpha:g} {self.tokens / max(now - self.start, 1e-9):.0f} tok/s, "
+                f"epoch ends in {duration(left)}")
+        final = final or i == self.steps
+        if sys.stderr.isatty():
+            print("\r" + line + "\033[K", end="\n" if final else "", file=sys.stderr, flush=True)
+            _line_open = not final
+        elif final or self.shown is None or now - self.shown >= self.EVERY:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 _line_open = False  # a progress line on the terminal still waits for its newline
 
 
-def progress(epoch, epochs, i, n, loss, alpha, tokens_per_s, final):
-    """The step's line. On a terminal one line is rewritten in place (\\r) and ended after the
-    epoch's or the run's last step (`final`), so the next message starts a line of its own; in a
-    log file, every 20th step and the final ones."""
+def say(message, prefix="train.py: "):
+    """A line of its own on stderr, even after an open progress line."""
     global _line_open
-    line = (f"epoch {epoch + 1}/{epochs} step {i}/{n} loss {loss:.4f} alpha {alpha:g} "
-            f"{tokens_per_s:.0f} tok/s")
-    if sys.stderr.isatty():
-        print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
-        _line_open = not final
-    elif final or i % 20 == 0:
-        print(line, file=sys.stderr, flush=True)
-
-
-def say(message):
-    """A one-line message of main(), on a line of its own even after an open progress line."""
-    global _line_open
-    print(("\n" if _line_open else "") + "train.py: " + message, file=sys.stderr)
+    print(("\n" if _line_open else "") + prefix + message, file=sys.stderr, flush=True)
     _line_open = False
 
 
@@ -268,7 +441,7 @@ def main(argv=None):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return train(args)
-    except KeyboardInterrupt:  # Ctrl-C before checkpoint.Run took it over, i.e. while loading
+    except KeyboardInterrupt:  # Ctrl-C before the loop took it over, i.e. while loading
         say("interrupted before training started; nothing was written to --out")
         return 130
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
@@ -287,8 +460,17 @@ def main(argv=None):
         # main() may be called from Python (tests): hand the signals back
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        ddp.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    ddp.exit(main())  # sys.exit, made safe under torchrun
+    status = main()
+    if "RANK" in os.environ:
+        # Under torchrun: leave without the interpreter's teardown. DDP's reducer keeps gloo's
+        # threads alive past destroy_process_group, and on some machines one exit in four then
+        # aborts (SIGABRT) and torchrun fails a run that went well. Every file is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -1,21 +1,22 @@
 """Time the LoRA training step (and generation), ours beside transformers + PEFT on the same job.
 
-    python bench.py --model HuggingFaceTB/SmolLM2-135M-Instruct --data data.jsonl --peft --json
+    python -m bench --model HuggingFaceTB/SmolLM2-135M-Instruct --data data.jsonl --json
 
 A step is what train.py does once: forward, the cross-entropy after the separator, backward, AdamW.
-With --peft the same step runs in transformers + PEFT: the same weights, LoRA targets, rank, alpha,
-starting A and B, dtype and batches. The two sides alternate step by step in one process, so a busy
-machine slows both alike; medians of many steps shrug off the odd slow one. Peak memory is measured
+Three sides run it (--sides): "plain", train.py's default (llama.py and lora.py as written);
+"kernels", train.py --kernels (the speed chapter); and "peft", transformers + PEFT, with the same
+weights, LoRA targets, rank, alpha, starting A and B, dtype and batches. The sides take turns step
+by step in one process, so a busy machine slows all alike; medians of many steps shrug off the odd
+slow one. Peak memory is measured
 in a fresh process per side, running the largest of the same batches, so neither side pays for
 the other's model. MFU is the useful work (matrix products a LoRA step needs, see train_flops) per
 second over the best matmul speed measured in this very run on the same device and dtype.
 Before any number counts, the two sides must agree: the same loss on the first batch, and a
 validation loss after the timed steps within noise of each other (the checks at the end). The two
-sides and their step live in bench_sides.py, the FLOP count, matmul peak, peak memory and step
-statistics in bench_measure.py; this file times, measures and reports.
+sides and their step live in bench/sides.py, the FLOP count, matmul peak, peak memory and step
+statistics in bench/measure.py; this file times, measures and reports.
 """
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -25,14 +26,15 @@ import time
 import torch
 
 import data
-import export
 import lora
-from bench_measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_memory, summarize,
+from bench.measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_memory, summarize,
                            train_flops)
-from bench_sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
+from bench.sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
 from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed, sync
 from hub import resolve_model_dir
+
+SIDES = ("plain", "kernels", "peft")
 
 def count(text):
     """A whole number, 0 included: --warmup, --val-batches, --mem-batches."""
@@ -41,8 +43,19 @@ def count(text):
     return int(text)
 
 
+def sides(text):
+    """--sides: a comma list of plain, kernels and peft, each once, at least one of ours."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SIDES]
+    if bad or not names or len(set(names)) < len(names) or names == ["peft"]:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(SIDES)}, each "
+                                         "once, with plain or kernels among them")
+    return sorted(names, key=SIDES.index)  # ours first: the sides the others are held against
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="hub repo id or local HF folder")
     p.add_argument("--data", default=data.DEFAULT_DATASET,
@@ -65,18 +78,17 @@ def parse_args(argv=None):
                    help="as train.py: longer quotes are cut")
     p.add_argument("--seed", type=seed, default=0,
                    help="seeds LoRA init, the split and the batches")
-    p.add_argument("--peft", action="store_true",
-                   help="also run transformers + PEFT and print the ratios")
-    p.add_argument("--plain", action="store_true",
-                   help="also run our model without kernels.py's hand-written backward passes "
-                        "(the plain path)")
+    p.add_argument("--sides", type=sides, default=list(SIDES),
+                   help="comma list of plain (train.py's default), kernels (train.py --kernels) "
+                   "and peft (transformers + PEFT); the first is the one the ratios divide by "
+                   "peft (default: plain,kernels,peft)")
     p.add_argument("--recompute", action="store_true",
-                   help="activation checkpointing in our model (Llama.recompute): less memory, "
-                        "one more forward")
+                   help="activation checkpointing in the kernels side (Llama.recompute): less "
+                   "memory, one more forward")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile our decoder layers (compile time reported); BACKEND "
-                        "'eager' only traces them, in seconds, to check the path (default "
-                        "inductor)")
+                   help="torch.compile the kernels side's decoder layers (compile time "
+                   "reported); BACKEND 'eager' only traces them, in seconds, to check the path "
+                   "(default inductor)")
     p.add_argument("--threads", type=positive(int), default=None,
                    help="torch.set_num_threads (default: torch's)")
     p.add_argument("--val-batches", type=count, default=4,
@@ -99,7 +111,7 @@ def parse_args(argv=None):
                    help="print torch.profiler's top operators of each side")
     p.add_argument("--json", action="store_true", help="make the last line one JSON object")
     # the child processes
-    p.add_argument("--memory-of", choices=["ours", "plain", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--batch-ids", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -111,7 +123,7 @@ def memory_child(args, device, dtype, train_batches):
     if args.memory_of == "peft":
         side = Peft(args, device, dtype)
     else:
-        side = Ours(args, device, dtype, plain=args.memory_of == "plain")
+        side = Ours(args, device, dtype, plain=args.memory_of == "plain")  # or kernels
     load_peak = peak_memory_mb(device)
     reset_peak_memory(device)
     for i in map(int, args.batch_ids.split(",")):
@@ -121,10 +133,11 @@ def memory_child(args, device, dtype, train_batches):
 
 def measure_memory(args, which, batch_ids):
     """Peak memory of one side in its own process (a shared process would count both models)."""
-    argv = [a for a in args.argv if a not in ("--peft", "--plain", "--json", "--profile")]
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--memory-of", which,
+    argv = [a for a in args.argv if a not in ("--json", "--profile")]
+    cmd = [sys.executable, "-m", "bench", *argv, "--memory-of", which,
            "--batch-ids", ",".join(map(str, batch_ids))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where -m finds bench
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {which} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,7 +203,7 @@ def bench(args):
 
     # Peak memory first, each side in a fresh process of its own, while this one holds no model:
     # three float32 copies of Llama-3.2-1B here (15 GB) would leave a child no room.
-    names = ["ours"] + ["plain"] * args.plain + ["peft"] * args.peft
+    names = args.sides
     largest = sorted(range(len(train_batches)),
                      key=lambda i: -train_batches[i]["input_tokens"].numel())
     memory = {}
@@ -199,12 +212,9 @@ def bench(args):
         memory[name] = measure_memory(args, name, sorted(largest[:args.mem_batches]))
         log(f"peak memory of {name}: {memory[name]['peak_mem_mb']:,.0f} MB")
 
-    ours = Ours(args, device, dtype)
-    sides = [ours]
-    if args.plain:
-        sides.append(Ours(args, device, dtype, plain=True))
-    if args.peft:
-        sides.append(Peft(args, device, dtype, start=adapter_weights(ours.model)))
+    sides = [Ours(args, device, dtype, plain=name == "plain") for name in names if name != "peft"]
+    if "peft" in names:
+        sides.append(Peft(args, device, dtype, start=adapter_weights(sides[0].model)))
     log(f"{args.model}: {args.steps} timed steps of {args.batch_size} quotes, "
         f"{device} {str(dtype)[6:]} ({why}), LoRA r={args.r} on {','.join(args.target_list)}; "
         f"sides: {', '.join(s.name for s in sides)}")
@@ -226,30 +236,32 @@ def bench(args):
 
     if args.gen_quotes > 0:
         prompts = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val_set[:args.gen_quotes]]
-        # The plain side has no generation of its own: let it go before the others merge.
-        generating = [s for s in sides if s.name != "plain"]
-        del sides[1:]
-        gc.collect()
-        bench_generation(generating, prompts, args, device, dtype, result)
+        bench_generation(sides, prompts, args, device, dtype, result)
         log("example: " + tokenizer.decode(prompts[0]) + "|"
             + tokenizer.decode(result.pop("_example")))
 
-    result["speedup"] = result["memory_ratio"] = None
-    if args.peft:
-        result["speedup"] = result["ours"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
-        if args.mem_batches > 0:
-            result["memory_ratio"] = result["ours"]["peak_mem_mb"] / result["peft"]["peak_mem_mb"]
-        ratios = [p / o for o, p in zip(times["ours"][args.warmup:], times["peft"][args.warmup:])]
-        result["speedup_median_step"] = quantile(ratios, 0.5)
-    else:
-        result["peft"] = None
-    if args.plain:
-        result["speedup_over_plain"] = (result["ours"]["tokens_per_s"]
-                                        / result["plain"]["tokens_per_s"])
+    result["ratios"] = ratios(result, times, names, args)
     report(result, names)
     if args.json:
         print(json.dumps(result))
     return 0 if all(c["ok"] for c in result["checks"].values()) else 1
+
+
+def ratios(result, times, names, args):
+    """{"plain/peft": ..., "kernels/peft": ..., "kernels/plain": ...} for the sides that ran: the
+    tokens/s ratio, the median of the per-step time ratios, and the peak memory ratio."""
+    out = {}
+    for a, b in [("plain", "peft"), ("kernels", "peft"), ("kernels", "plain")]:
+        if a not in names or b not in names:
+            continue
+        per_step = [tb / ta for ta, tb in zip(times[a][args.warmup:], times[b][args.warmup:])]
+        memory = None
+        if "peak_mem_mb" in result[a] and "peak_mem_mb" in result[b]:
+            memory = result[a]["peak_mem_mb"] / result[b]["peak_mem_mb"]
+        out[f"{a}/{b}"] = {"speedup": result[a]["tokens_per_s"] / result[b]["tokens_per_s"],
+                           "speedup_median_step": quantile(per_step, 0.5),
+                           "memory_ratio": memory}
+    return out
 
 
 def time_training(sides, train_batches, args, device, dtype, result):
@@ -274,53 +286,61 @@ def time_training(sides, train_batches, args, device, dtype, result):
     peak = max(peak, matmul_peak(device, dtype))  # before and after: the better of two tries
     result["matmul_peak_tflops"] = peak / 1e12
     result["compile"] = args.compile  # the backend, or None
-    result["compile_s"] = times["ours"][0] if args.compile else None  # the first step compiles
+    result["compile_s"] = times["kernels"][0] if args.compile and "kernels" in times else None
     for s in sides:
         result[s.name] = summarize(times[s.name][args.warmup:], tokens, flops, peak)
     return times, losses
 
 
 def check_training(sides, losses, result):
-    """Ours against each other side. The same weights and batch: the first loss agrees to bf16
-    rounding. After that the runs drift apart step by step (rounding differs); 2% of the validation
-    loss is several times the drift seen between correct implementations, far below a wrong
-    gradient's."""
-    ours = result["ours"]["val_loss"]
+    """The first side against each other one. The same weights and batch: the first loss agrees
+    to bf16 rounding. After that the runs drift apart step by step (rounding differs); 2% of the
+    validation loss is several times the drift seen between correct implementations, far below a
+    wrong gradient's."""
+    first = sides[0].name
+    mine = result[first]["val_loss"]
     for other in [s.name for s in sides[1:]]:
         theirs = result[other]["val_loss"]
-        check(f"same_first_loss_{other}",
-              abs(losses["ours"][0] - losses[other][0]) <= 0.01 * losses[other][0],
-              f"first-batch loss ours {losses['ours'][0]:.4f}, {other} {losses[other][0]:.4f}",
-              result["checks"])
-        check(f"same_training_result_{other}", abs(ours - theirs) <= 0.02 * theirs,
-              f"validation loss after {len(losses['ours'])} steps: "
-              f"ours {ours:.4f}, {other} {theirs:.4f}",
-              result["checks"])
+        check(f"same_first_loss_{first}_{other}",
+              abs(losses[first][0] - losses[other][0]) <= 0.01 * losses[other][0],
+              f"first-batch loss {first} {losses[first][0]:.4f}, {other} "
+              f"{losses[other][0]:.4f}", result["checks"])
+        check(f"same_training_result_{first}_{other}", abs(mine - theirs) <= 0.02 * theirs,
+              f"validation loss after {len(losses[first])} steps: "
+              f"{first} {mine:.4f}, {other} {theirs:.4f}", result["checks"])
 
 
 def bench_generation(sides, prompts, args, device, dtype, result):
-    """Greedy tags with the trained weights (or --adapter's), the same on both sides."""
-    ours = sides[0]
+    """Greedy tags with the first side's trained weights (or --adapter's), the same on every
+    side: sample.py's way (plain: llama.generate; kernels: the packed one), and transformers'."""
+    first = sides[0]
     if args.adapter:
-        export.load_adapter(ours.model, args.adapter)
-    if args.peft:
-        from peft.tuners.lora import LoraLayer
-        copy_adapter(adapter_weights(ours.model), sides[1].model)
-        alpha = next(iter(lora.lora_modules(ours.model).values())).alpha
-        for m in sides[1].model.modules():
-            if isinstance(m, LoraLayer):
-                m.scaling["default"] = alpha  # PEFT's scale, lora_alpha / r, is our alpha
+        lora.load_adapter(first.model, args.adapter)
+    weights = adapter_weights(first.model)
+    alpha = next(iter(lora.lora_modules(first.model).values())).alpha
+    for side in sides[1:]:
+        if side.name == "peft":
+            from peft.tuners.lora import LoraLayer
+            copy_adapter(weights, side.model)
+            for m in side.model.modules():
+                if isinstance(m, LoraLayer):
+                    m.scaling["default"] = alpha  # PEFT's scale, lora_alpha / r, is our alpha
+        else:
+            lora.load_adapter(side.model, ({f"{n}.lora_module.{i}.weight": t[i]
+                                            for n, t in weights.items() for i in (0, 1)},
+                                           {"r": args.r, "alpha": alpha, "base_config": {},
+                                            "base_model": "", "init": "random"}))
     gen = time_generation(sides, prompts, args, device, dtype)
-    g = result["generate"] = {"ours_tokens_per_s": gen["ours"][0] / gen["ours"][1],
-                              "hf_tokens_per_s": None, "speedup": None}
-    result["_example"] = gen["ours"][2][0]
-    if args.peft:
-        g["hf_tokens_per_s"] = gen["peft"][0] / gen["peft"][1]
-        g["speedup"] = g["ours_tokens_per_s"] / g["hf_tokens_per_s"]
-        same = sum(a == b for a, b in zip(gen["ours"][2], gen["peft"][2]))
-        g["same_completions"] = f"{same}/{len(prompts)}"
+    g = result["generate"] = {name: {"tokens_per_s": n / seconds}
+                              for name, (n, seconds, _) in gen.items()}
+    result["_example"] = gen[first.name][2][0]
+    for side in sides[1:]:
+        same = sum(a == b for a, b in zip(gen[first.name][2], gen[side.name][2]))
+        g[side.name]["same_completions_as_" + first.name] = f"{same}/{len(prompts)}"
+        g[side.name]["speedup_of_" + first.name] = (g[first.name]["tokens_per_s"]
+                                                    / g[side.name]["tokens_per_s"])
         # greedy decoding in bf16 may flip a near-tie and diverge; most rows must still agree
-        check("same_generations", same >= 0.5 * len(prompts),
+        check(f"same_generations_{first.name}_{side.name}", same >= 0.5 * len(prompts),
               f"{same}/{len(prompts)} completions identical", result["checks"])
 
 
@@ -328,26 +348,21 @@ def report(result, names):
     print(f"{result['model']} | {result['device']} {result['dtype']} | "
           f"batch {result['batch_size']} | {result['steps']} timed steps | "
           f"matmul peak {result['matmul_peak_tflops'] * 1000:.0f} GFLOP/s")
-    print(f"{'':6} {'tokens/s':>9} {'step ms (p25-p75)':>22} {'peak MB':>9} {'MFU':>6} "
+    print(f"{'':8} {'tokens/s':>9} {'step ms (p25-p75)':>22} {'peak MB':>9} {'MFU':>6} "
           f"{'val loss':>9}")
     for name in names:
         r = result[name]
         spread = f"{r['step_ms']:.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f})"
         mem = f"{r['peak_mem_mb']:9.0f}" if "peak_mem_mb" in r else f"{'-':>9}"
-        print(f"{name:6} {r['tokens_per_s']:9.1f} {spread:>22} {mem} {r['mfu']:6.1%} "
+        print(f"{name:8} {r['tokens_per_s']:9.1f} {spread:>22} {mem} {r['mfu']:6.1%} "
               f"{r['val_loss']:9.4f}")
-    if result["speedup"] is not None:
-        memory = (f", memory ratio {result['memory_ratio']:.2f}"
-                  if result["memory_ratio"] is not None else "")
-        print(f"speedup {result['speedup']:.2f}x "
-              f"(median per step {result['speedup_median_step']:.2f}x){memory}")
-    if "speedup_over_plain" in result:
-        print(f"ours over the plain path (no kernels.py): {result['speedup_over_plain']:.2f}x")
-    g = result.get("generate")
-    if g:
-        hf = (f", transformers {g['hf_tokens_per_s']:.1f} tokens/s, speedup {g['speedup']:.2f}x"
-              if g["speedup"] else "")
-        print(f"generate: ours {g['ours_tokens_per_s']:.1f} tokens/s{hf}")
+    for pair, r in result["ratios"].items():
+        memory = f", memory {r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else ""
+        print(f"{pair}: speed {r['speedup']:.2f}x (median per step "
+              f"{r['speedup_median_step']:.2f}x){memory}")
+    for name, g in result.get("generate", {}).items():
+        print(f"generate {name}: {g['tokens_per_s']:.1f} tokens/s"
+              + "".join(f", {k} {v}" for k, v in g.items() if k.startswith("same")))
     if result["compile_s"] is not None:
         print(f"compile: first step {result['compile_s']:.1f} s")
 
@@ -369,7 +384,7 @@ def main(argv=None):
     try:
         return bench(args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        print(f"python -m bench: error: {e}", file=sys.stderr)
         return 2
 
 

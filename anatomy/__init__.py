@@ -1,8 +1,8 @@
 """What an adapter learned: each update dW = alpha B A taken apart, as the LoRA paper does.
 
-    python lora.py inspect out                       # a table, one line per adapted module
-    python lora.py inspect out --json                # every number, for scripts
-    python lora.py inspect out --plot anatomy.png    # heatmaps: layers x projections
+    python -m anatomy out                       # a table, one line per adapted module
+    python -m anatomy out --json                # every number, for scripts
+    python -m anatomy out --plot anatomy.png    # heatmaps: layers x projections
 
 For each adapted Linear, W (out, in) frozen and dW = alpha B A with B (out, r), A (r, in):
 
@@ -36,8 +36,9 @@ import sys
 import torch
 
 import lora
-from checkpoint import can_plot, plot_path_problem, pyplot, save_figure
-from common import DEFAULT_OUT, HelpFormatter, load
+from common import (DEFAULT_OUT, HelpFormatter, can_plot, load, plot_path_problem, progress,
+                    pyplot, save_figure)
+from export.peft import read_any
 
 # The heatmap's columns, in the order a layer computes them; lm_head comes after the last layer.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -103,7 +104,8 @@ def model_anatomy(model):
     """[update_anatomy of each LoraModule, with its module name, layer (None for lm_head) and
     projection (q_proj, ..., lm_head)], in model order: by layer."""
     rows = []
-    for name, m in lora.lora_modules(model).items():
+    modules = lora.lora_modules(model)
+    for name, m in progress(modules.items(), "taking the updates apart (modules)", len(modules)):
         layer = re.search(r"layers\.(\d+)\.", name)
         rows.append(dict(module=name, layer=int(layer[1]) if layer else None,
                          projection=name.rsplit(".", 1)[-1], r=m.r, alpha=m.alpha,
@@ -168,7 +170,7 @@ def plot(rows, path, title):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="lora.py inspect", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m anatomy", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("adapter", nargs="?", default=DEFAULT_OUT, metavar="ADAPTER",
                    help="train.py --out folder, adapter file or PEFT folder "
@@ -179,7 +181,7 @@ def parse_args(argv=None):
                    help="print one JSON object: every module's numbers and their medians")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw the heatmaps into this PNG (needs matplotlib; default: none)")
-    p.set_defaults(no_adapter=False, alpha=None, no_kernels=True)  # what common.load reads
+    p.set_defaults(alpha=None, attention="sdpa")  # what common.load reads
     return p.parse_args(argv)
 
 
@@ -192,12 +194,12 @@ def main(argv=None):
             raise ValueError(f"--plot {args.plot}: {problem}")
         # float32: the base's own numbers (a bf16 checkpoint converts exactly); the sums that
         # make the norms are float64 in update_anatomy.
-        model, _ = load(args, "cpu", torch.float32, "lora.py inspect")
+        model, _ = load(args, args.adapter, "cpu", torch.float32, "python -m anatomy", read_any)
         rows = model_anatomy(model)
         if not rows:
             raise ValueError(f"{args.adapter}: the adapter holds no LoRA module")
     except (ValueError, TypeError, OSError) as e:
-        print(f"lora.py inspect: error: {e}", file=sys.stderr)
+        print(f"python -m anatomy: error: {e}", file=sys.stderr)
         return 2
     title = f"{args.adapter}: r={rows[0]['r']}, alpha {rows[0]['alpha']:g}"
     if args.json:
@@ -210,7 +212,7 @@ def main(argv=None):
         try:
             print(f"wrote {plot(rows, args.plot, title)}", file=sys.stderr)
         except (ValueError, TypeError, OSError) as e:
-            print(f"lora.py inspect: error: --plot {args.plot}: {e}", file=sys.stderr)
+            print(f"python -m anatomy: error: --plot {args.plot}: {e}", file=sys.stderr)
             return 2
     return 0
 

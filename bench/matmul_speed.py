@@ -1,11 +1,11 @@
 """How fast this device multiplies matrices in each dtype: the figure behind `--dtype auto`.
 
-    python scripts/matmul_speed.py --m 1024 --k 2048 --n 2048 --reps 3   # --device auto
+    python -m bench.matmul_speed --m 1024 --k 2048 --n 2048 --reps 3   # --device auto
 
 Prints one line per dtype, GFLOP/s as the median of --reps timed products (2 m k n FLOPs each)
 after one untimed product, and with --json a last line {dtype: GFLOP/s}. On a CPU without bf16
 units (no AVX512-BF16, no AMX) a bf16 product is emulated and runs at about 1% of float32's
-speed; `ONEDNN_MAX_CPU_ISA=AVX2 python scripts/matmul_speed.py` shows the same on a CPU that has
+speed; `ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.matmul_speed` shows the same on a CPU that has
 them, by forbidding oneDNN to use them.
 """
 import argparse
@@ -14,12 +14,9 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from common import HelpFormatter, pick_device, positive, sync  # noqa: E402
+from common import HelpFormatter, pick_device, positive, sync
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names; getattr(torch, name) takes them
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What a session lent a GPU checks, in one command that ends within 8 minutes on one card.
 #
-#   bash scripts/gpu_check.sh                 on a machine with an NVIDIA GPU
-#   bash scripts/gpu_check.sh --cpu-dry-run   the same steps on the CPU, on a tiny model and
+#   bash gpu_check/run.sh                 on a machine with an NVIDIA GPU
+#   bash gpu_check/run.sh --cpu-dry-run   the same steps on the CPU, on a tiny model and
 #                                             short settings (tests/test_gpu_check.py)
 #
 # The steps, in this order, each under `timeout` and all under one deadline (GPU_CHECK_BUDGET
@@ -13,8 +13,8 @@
 #              PyPI; without it the tests that need SmolLM2 are skipped)
 #   device tests   `pytest -m device`: the tests that take a device, on the CPU and on the GPU
 #   parity     our logits against transformers' on the GPU, in bf16 and in float16
-#              (scripts/parity.py, on the Llama-3.2-1B shape, and SmolLM2 when written)
-#   matmul     the card's matmul speed in bf16, float16 and float32 (scripts/matmul_speed.py)
+#              (gpu_check/parity.py, on the Llama-3.2-1B shape, and SmolLM2 when written)
+#   matmul     the card's matmul speed in bf16, float16 and float32 (bench/matmul_speed.py)
 #   bench      bench.py on the Llama-3.2-1B shape against transformers + PEFT, at a batch that
 #              fills the card (halved and tried again after an out-of-memory): tokens/s, MFU
 #              against the matmul peak measured in the run, peak memory
@@ -48,7 +48,7 @@ case "${1:-}" in
     --cpu-dry-run) export GPU_CHECK_DRY=1 ;;
     --inner) INNER=1; shift ;;
     "") export GPU_CHECK_DRY=0 ;;
-    *) echo "usage: bash scripts/gpu_check.sh [--cpu-dry-run]" >&2; exit 2 ;;
+    *) echo "usage: bash gpu_check/run.sh [--cpu-dry-run]" >&2; exit 2 ;;
 esac
 DRY="${GPU_CHECK_DRY:-0}"
 
@@ -211,7 +211,7 @@ bench_fitting() {  # bench.py at $1 quotes per step; after an out-of-memory, at 
     shift
     while :; do
         echo "bench.py --batch-size $batch"
-        "$PY" bench.py --model "$MODEL" --data "$QUOTES" --device "$DEVICE" \
+        "$PY" -m bench --model "$MODEL" --data "$QUOTES" --device "$DEVICE" \
             --batch-size "$batch" "${BENCH[@]}" "$@" > "$LOGS/bench-try.log" 2>&1
         local rc=$?
         cat "$LOGS/bench-try.log"
@@ -227,7 +227,7 @@ parity_all() {  # $1: the dtype; every model folder that exists
     local rc=0
     for model in "$MODEL" "$SMOLLM2"; do
         [ -n "$model" ] && [ -d "$model" ] || continue
-        "$PY" scripts/parity.py --model "$model" --data "$QUOTES" --device "$DEVICE" \
+        "$PY" -m gpu_check.parity --model "$model" --data "$QUOTES" --device "$DEVICE" \
             --dtype "$1" "${PARITY[@]}" || rc=1
     done
     return $rc
@@ -262,11 +262,11 @@ if [ -n "$SMOLLM2" ] && [ -d "$SMOLLM2" ]; then export LORA_TEST_SMOLLM2="$SMOLL
 step "device tests" 90 "$PY" -m pytest -q -p no:cacheprovider "${DEVICE_TESTS[@]}"
 step "parity bfloat16" 60 parity_all bfloat16
 step "parity float16" 60 parity_all float16
-step "matmul peak" 30 "$PY" scripts/matmul_speed.py --device "$DEVICE" "${MATMUL[@]}" --json
+step "matmul peak" 30 "$PY" -m bench.matmul_speed --device "$DEVICE" "${MATMUL[@]}" --json
 BATCH="$(pick_batch)"
-step "bench" 150 bench_fitting "$BATCH" --peft "${BENCH_PEFT[@]}" --json
-step "bench compile" 120 bench_fitting "$BATCH" --compile "$COMPILE" --mem-batches 0 \
-    --gen-quotes 0 --json
+step "bench" 150 bench_fitting "$BATCH" "${BENCH_PEFT[@]}" --json
+step "bench compile" 120 bench_fitting "$BATCH" --sides kernels --compile "$COMPILE" \
+    --mem-batches 0 --gen-quotes 0 --json
 step "other tests" 180 other_tests
 
 {

@@ -1,9 +1,11 @@
-"""The two sides bench.py compares, and one training step of either.
+"""The sides bench.py compares, and one training step of any of them.
 
-Ours is this project's Llama with LoRA, trained as train.py trains it; Peft is transformers'
-LlamaForCausalLM with peft's LoRA, trained as their documentation does it. bench.py builds both on
-the same weights with the same starting A and B (adapter_weights, copy_adapter), so that any
-difference in speed, memory or loss comes from the implementations, not from the inputs.
+Ours is this project's Llama with LoRA, trained as train.py trains it: "plain" as by default
+(llama.py's and lora.py's formulas as written), "kernels" with the speed chapter (train.py
+--kernels). Peft is transformers' LlamaForCausalLM with peft's LoRA, trained as their
+documentation does it. bench.py builds them all on the same weights with the same starting A and B
+(adapter_weights, copy_adapter), so that any difference in speed, memory or loss comes from the
+implementations, not from the inputs.
 """
 import time
 import warnings
@@ -11,12 +13,17 @@ import warnings
 import torch
 
 import data
-import kernels
 import lora
-from common import autocast, grad_scaler, scaled_step, sync
+from common import autocast, sync
 from hub import resolve_model_dir
-from llama import Llama, LlamaConfig
-from generate import generate, until_eos
+from llama import Llama, LlamaConfig, generate, until_eos
+from speed import kernels
+from speed.generate import generate_packed
+
+
+def grad_scaler(device, dtype):
+    """train.py's loss scaling: float16 only, a no-op otherwise."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,15 +31,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ----------------------------------------------------------------------------- the two sides
 
 class Ours:
-    """Our Llama with LoRA, trained as train.py trains it (logits only where the loss is).
-    plain=True: the same without kernels.py (train.py --no-kernels), autograd differentiating
-    llama.py's plain formulas."""
+    """Our Llama with LoRA, trained as train.py trains it (logits only where the loss is):
+    "plain" as train.py's default, autograd differentiating llama.py's formulas; "kernels" as
+    train.py --kernels."""
 
-    def __init__(self, args, device, dtype, plain=False):
-        self.name, self.plain = ("plain" if plain else "ours"), plain
+    def __init__(self, args, device, dtype, plain=True):
+        self.name, self.plain = ("plain" if plain else "kernels"), plain
         self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         torch.manual_seed(args.seed)
-        lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="seed",
+        lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="random",
                       targets=args.target_list)
         if not plain:  # compiled layers fuse the elementwise work their own way: no rebuilding
             kernels.use(self.model, rebuild=not args.compile)
@@ -59,7 +66,8 @@ class Ours:
             lora.merge_lora(self.model)
             self.model.eval()
             self.merged = True
-        return generate(self.model, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
+        run = generate if self.plain else generate_packed  # sample.py's, and with --kernels
+        return run(self.model, prompts, max_new_tokens, eos_ids=[] if ignore_eos else None)
 
 
 class Peft:
@@ -156,7 +164,8 @@ def train_step(side, batch, device, dtype):
     with autocast(device, dtype):
         loss_sum = side.loss_sum(batch)
     side.scaler.scale(loss_sum / n).backward()
-    scaled_step(side.scaler, side.optimizer)
+    side.scaler.step(side.optimizer)
+    side.scaler.update()
     side.optimizer.zero_grad(set_to_none=True)
     loss = loss_sum.item() / n  # .item() waits for the device, so the time is the step's
     return loss, time.perf_counter() - t0

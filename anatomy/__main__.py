@@ -1,0 +1,6 @@
+"""python -m anatomy ADAPTER: what an adapter learned (anatomy/__init__.py)."""
+import sys
+
+from anatomy import main
+
+sys.exit(main())
