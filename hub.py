@@ -94,6 +94,10 @@ def config_fields(raw, where="config.json"):
     for flag in ("attention_bias", "mlp_bias"):
         if raw.get(flag):
             raise ValueError(f"{where}: {flag}=true is not supported (Llama-3.2 has no biases)")
+    # llama.py's MLP is SwiGLU: silu(gate) * up. Another activation would run silently wrong.
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported "
+                         "(llama.py's MLP computes silu, as Llama-3.2)")
     # Two spellings in the wild: `rope_theta` + `rope_scaling` (the hub's Llama-3.2 files) and
     # `rope_parameters` holding both (written by transformers 5).
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
@@ -109,7 +113,8 @@ def config_fields(raw, where="config.json"):
         num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        # transformers' LlamaConfig defaults, where config.json leaves a field out
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=rope if rope_type == "llama3" else None,
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),

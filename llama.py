@@ -35,7 +35,7 @@ class LlamaConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6  # transformers' defaults where config.json has no value
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # llama3: factor, low/high_freq_factor, original_max_pos...
     max_position_embeddings: int = 2048
