@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 import lora
-from common import DEFAULT_OUT, can_plot, pyplot, save_figure
+from common import DEFAULT_OUT, can_plot, pyplot, save_figure, say
 
 CHECKPOINT = "checkpoint.pt"
 LAST_ADAPTER = "adapter-last.safetensors"
@@ -179,8 +180,10 @@ def prepare_out(args):
     run.json gets the settings, the dtype computed in, and the run's length."""
     out = Path(args.out)
     if args.resume:
-        for tmp in out.glob(".*.tmp"):  # a crash mid-write left it; the file it was for is whole
-            tmp.unlink()
+        # A crash mid-write left it; the file it was for is whole. .tmpXXXXXX: safetensors' own
+        # temp file (save_file writes one beside its target, then renames it).
+        for tmp in [*out.glob(".*.tmp"), *out.glob(".tmp*")]:
+            tmp.unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()):
         aside = next(out.with_name(f"{out.name}.old{i}") for i in range(1, 10**6)
                      if not out.with_name(f"{out.name}.old{i}").exists())
@@ -233,6 +236,49 @@ def load(out, model, optimizer, scaler):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return {"skipped_steps": ckpt.get("skipped_steps", 0), "best": ckpt.get("best"),
             **{k: ckpt[k] for k in ("epoch", "batches_done", "step")}}
+
+
+# ----------------------------------------------------------------------------- the run's end
+
+def not_finite(loss, step, saved_step, out, float16):
+    """The message when the loss is inf or NaN: no step was taken on it, so the checkpoint in
+    --out holds good weights; say which."""
+    kept = "no checkpoint yet"
+    if saved_step is not None:
+        kept = f"the checkpoint of step {saved_step} in {out} is kept"
+    hint = "try a lower --lr or --alpha"
+    if float16:  # loss scaling cannot help a forward pass that overflowed
+        hint += ", or --dtype bfloat16 or float32: float16 stops at 65504"
+    return f"loss became {loss} at step {step}; stopped, {kept} ({hint})"
+
+
+def report_end(args, step, skipped_steps, best, saved_epoch, sig):
+    """train.py's last lines (rank 0): what the run left in --out and how to go on. Returns the
+    exit status: 0, or 128 + the signal that stopped the run."""
+    if sig:
+        say(f"stopped by {signal.Signals(sig).name} at step {step}; checkpoint saved in "
+            f"{args.out}, continue with --resume")
+        return 128 + sig
+    skipped = ""
+    if skipped_steps:
+        skipped = (f" ({skipped_steps} skipped: float16 gradients overflowed, the loss scale "
+                   "was lowered)")
+    adapter = f"{args.out}/{lora.ADAPTER_FILE}"
+    if best:
+        kept = (f"{adapter} holds the adapter of epoch {best['epoch']} (validation loss "
+                f"{best['val_loss']:.4f}, the best); the last one is {args.out}/"
+                f"{LAST_ADAPTER}")
+    else:
+        kept = f"adapter saved in {adapter} (not validated yet: no epoch has ended)"
+    if saved_epoch < args.epochs:  # --max-steps, mid-run
+        say(f"reached --max-steps {args.max_steps} at step {step}{skipped} (epoch "
+            f"{saved_epoch + 1}/{args.epochs}): {kept}; --resume with a larger "
+            "--max-steps goes on")  # --resume alone keeps the run's --max-steps
+    else:
+        say(f"done: {args.epochs} epoch(s), {step} steps{skipped}; {kept}")
+    if args.plot:
+        say(f"wrote {plot(args.out)}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

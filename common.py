@@ -11,11 +11,12 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # installed with huggingface_hub
 
 import data
 import lora
@@ -77,6 +78,21 @@ def alphas(text):
         raise argparse.ArgumentTypeError(f"{text!r}: each alpha must be a finite number >= 0, "
                                          f"got {bad[0]}")
     return values
+
+
+def typed_flags(parser, argv):
+    """The destinations of the flags on the command line: the parser again, every default
+    suppressed, so that only what was typed lands in the namespace."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if action.nargs == 0:
+                kwargs["action"] = "store_const" if action.const is not None else "store_true"
+                if action.const is not None:
+                    kwargs["const"] = action.const
+            quiet.add_argument(*action.option_strings, **kwargs)
+    return set(vars(quiet.parse_known_args(argv)[0]))
 
 
 # ----------------------------------------------------------------------------- device and dtype
@@ -235,6 +251,54 @@ class LineFile:
         self.stream.flush()
 
 
+class Clock:
+    """train.py's speed and progress line, for one epoch. On a terminal one line is rewritten in place
+    after every step; in a log file a line after the first step, then one at least every
+    EVERY seconds, and the epoch's last step: a slow CPU still shows it is alive."""
+    EVERY = 30.0
+
+    def __init__(self, epoch, steps):
+        self.epoch, self.steps = epoch, steps
+        self.start, self.tokens, self.done, self.shown = time.time(), 0, 0, None
+
+    def tick(self, tokens):
+        """Count one step of `tokens` tokens; returns the epoch's tokens per second so far."""
+        self.tokens, self.done = self.tokens + tokens, self.done + 1
+        return self.tokens / max(time.time() - self.start, 1e-9)
+
+    def show(self, i, loss, alpha, epochs, final=False):
+        global _line_open
+        now = time.time()
+        left = (now - self.start) / self.done * (self.steps - i)  # this session's pace
+        line = (f"epoch {self.epoch + 1}/{epochs} step {i}/{self.steps} loss {loss:.4f} "
+                f"alpha {alpha:g} {self.tokens / max(now - self.start, 1e-9):.0f} tok/s, "
+                f"epoch ends in {duration(left)}")
+        final = final or i == self.steps
+        if sys.stderr.isatty():
+            print("\r" + line + "\033[K", end="\n" if final else "", file=sys.stderr, flush=True)
+            _line_open = not final
+        elif final or self.shown is None or now - self.shown >= self.EVERY:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+_line_open = False  # a progress line on the terminal still waits for its newline
+
+
+def say(message):
+    """A line of its own on stderr, even after an open progress line."""
+    global _line_open
+    print(("\n" if _line_open else "") + message, file=sys.stderr, flush=True)
+    _line_open = False
+
+
 def can_plot():
     """matplotlib is optional: --plot and `checkpoint.py plot` ask for it before any work."""
     return importlib.util.find_spec("matplotlib") is not None
@@ -301,7 +365,9 @@ def load(args, adapter, device, dtype, prog, read_adapter=lora.read_adapter):
             warnings.simplefilter("always")
             lora.load_adapter(model, (tensors, meta), alpha=args.alpha, expected_base=name)
         for warning in caught:
-            print(f"{prog}: warning: {adapter}: {warning.message}", file=sys.stderr)
+            # lora.py names an adapter given as tensors "the adapter": the path says it here
+            message = str(warning.message).removeprefix("the adapter: ")
+            print(f"{prog}: warning: {adapter}: {message}", file=sys.stderr)
     return model, QuoteTokenizer.from_model_dir(model.model_dir)
 
 

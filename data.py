@@ -256,6 +256,9 @@ def batches(samples: list[dict], batch_size: int, pad_id: int, shuffle: bool = T
 # Rows {"quote", "author", "tags"}, from a local file or the Hugging Face hub.
 
 DEFAULT_DATASET = "Abirate/english_quotes"
+# What a file in another shape (a CSV, a JSON array, one pretty-printed object) is told to be.
+EXPECTED_FORMAT = ('expected a JSONL file, one object a line like '
+                   '{"quote": "Be yourself.", "tags": ["honesty", "life"]}')
 
 
 def read_quotes(source: str = DEFAULT_DATASET) -> tuple[list[tuple[str, list[str]]], dict]:
@@ -270,7 +273,7 @@ def read_quotes(source: str = DEFAULT_DATASET) -> tuple[list[tuple[str, list[str
     if not lines:
         raise ValueError(f"{path}: empty file, expected JSONL (one JSON object per line)")
     if lines[0][1].lstrip().startswith("["):
-        raise ValueError(f"{path}: is a JSON array; expected JSONL (one JSON object per line)")
+        raise ValueError(f"{path}: is a JSON array; {EXPECTED_FORMAT}")
     pairs, skips = [], {}
     for line_number, text in lines:
         try:
@@ -278,7 +281,9 @@ def read_quotes(source: str = DEFAULT_DATASET) -> tuple[list[tuple[str, list[str
         except (ValueError, RecursionError) as err:  # RecursionError: nested too deep to parse
             is_json = isinstance(err, json.JSONDecodeError)
             reason = f"{err.msg} at column {err.colno}" if is_json else str(err).splitlines()[0]
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({reason})") from None
+            # Not even the first line is JSON: the file has another shape; say which one we read.
+            shape = f"; {EXPECTED_FORMAT}" if line_number == lines[0][0] else ""
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({reason}){shape}") from None
         problem = _row_problem(row)
         if problem:
             skips[problem] = skips.get(problem, 0) + 1

@@ -265,6 +265,8 @@ def read_adapter(path):
     Raises FileNotFoundError, or ValueError naming the file (another format, damaged metadata,
     a tensor that is no A or B of rank r)."""
     path = Path(path)
+    if not path.exists():  # --adapter takes either: say so (docs/errors.md, row 22)
+        raise FileNotFoundError(f"{path}: no such adapter file or folder")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         raise ValueError(f"{path}: a PEFT adapter folder; export/peft.py reads it")
     if path.is_dir():

@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import data
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, autocast, can_plot, dtype_choice, pick_device,
-                    positive, seed, validation_loss)
+from common import (DEFAULT_OUT, Clock, HelpFormatter, autocast, can_plot, dtype_choice,
+                    pick_device, positive, say, seed, typed_flags, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
@@ -90,7 +89,7 @@ def parse_args(argv=None):
         help="start over in --out; the old run is moved aside, not deleted")
     add("--plot", action="store_true", help="write loss.png into --out (needs matplotlib)")
     args = p.parse_args(argv)
-    args.given = given_flags(p, argv)  # --resume takes the others from run.json
+    args.given = typed_flags(p, argv)  # --resume takes the others from run.json
     if args.plot and not can_plot():  # now, not after hours of training
         p.error("--plot needs matplotlib: pip install matplotlib")
     if not 0 < args.val_fraction < 1:
@@ -102,21 +101,6 @@ def parse_args(argv=None):
     if args.kernels and args.attention == "written":
         p.error("--attention written runs llama.attention(); --kernels replaces it: pick one")
     return args
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags on the command line: the parser again, every default
-    suppressed, so that only what was typed lands in the namespace."""
-    quiet = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
-            if action.nargs == 0:
-                kwargs["action"] = "store_const" if action.const is not None else "store_true"
-                if action.const is not None:
-                    kwargs["const"] = action.const
-            quiet.add_argument(*action.option_strings, **kwargs)
-    return set(vars(quiet.parse_known_args(argv)[0]))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -157,7 +141,7 @@ def train(args):
     checkpoint.check_compute_dtype(args)
     if (done := checkpoint.already_done(args)):  # a run at its end: say so, write nothing
         if master:
-            say(done)
+            say("train.py: " + done)
         return 0
     if ddp:
         dist.barrier()  # every rank has read --out before rank 0 changes it
@@ -186,9 +170,9 @@ def train(args):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     pad_id = tokenizer.eos_id  # any id: padded positions are never attended to nor supervised
     if master:
-        say(summary(args, model, info, device, dtype, why, world), prefix="")
+        say(summary(args, model, info, device, dtype, why, world))
         if length:
-            say(f"resuming with the run's settings from {args.out}/run.json; {length}", "")
+            say(f"resuming with the run's settings from {args.out}/run.json; {length}")
         checkpoint.prepare_out(args)  # the first write into --out
 
     stop = {"signal": None}  # Ctrl-C or SIGTERM: finish the step, checkpoint, leave
@@ -202,7 +186,7 @@ def train(args):
         if master:
             checkpoint.keep_metrics_until(args.out, at["step"])
             say(f"resuming after step {at['step']} (epoch {at['epoch'] + 1}, batch "
-                f"{at['batches_done'] + 1})", "")
+                f"{at['batches_done'] + 1})")
     raw_model = model
     if ddp:  # averages the LoRA gradients over the processes in every backward pass
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
@@ -221,7 +205,7 @@ def train(args):
     if master and not args.resume:
         before = val_loss()
         checkpoint.log(args.out, kind="eval", step=0, epoch=0, alpha=args.alpha, val_loss=before)
-        say(f"validation loss before training: {before:.4f}", "")
+        say(f"validation loss before training: {before:.4f}")
 
     # ------------------------------------------------------------------------- the loop
     step, skipped_steps, best = at["step"], at["skipped_steps"], at["best"]
@@ -258,7 +242,8 @@ def train(args):
                 dist.all_reduce(loss_sum)  # the loss of the whole batch, on every rank
             loss = loss_sum.item() / n_supervised
             if not math.isfinite(loss):  # a step would carry the inf or NaN into A and B
-                raise FloatingPointError(not_finite(loss, step + 1, saved["step"], args, scaler))
+                raise FloatingPointError(checkpoint.not_finite(loss, step + 1, saved["step"],
+                                                               args.out, scaler.is_enabled()))
             scale = scaler.get_scale()
             scaler.step(optimizer)  # float16: gradients divided by the scale; skipped on inf
             scaler.update()  # float16: halve the scale after an overflow, else grow it slowly
@@ -288,7 +273,7 @@ def train(args):
                     checkpoint.log(args.out, kind="eval", step=step, epoch=epoch + 1,
                                    alpha=alpha, val_loss=val, best=is_best)
                     say(f"epoch {epoch + 1}: validation loss {val:.4f} (alpha {alpha})"
-                        + (", the best so far: kept" if is_best else ""), "")
+                        + (", the best so far: kept" if is_best else ""))
                 save(epoch + 1, 0, best_too=is_best)
             elif last or step % args.checkpoint_every == 0:
                 save(epoch, i + 1)
@@ -298,8 +283,10 @@ def train(args):
             break
     if ddp:
         check_ranks_agree(raw_model, world, device)
-    return finish(args, master, step, skipped_steps, best, saved,
-                  None if at_max_steps else stopped)
+    if not master:
+        return 128 + stopped if stopped and not at_max_steps else 0
+    return checkpoint.report_end(args, step, skipped_steps, best, saved["epoch"],
+                                 None if at_max_steps else stopped)
 
 
 # ----------------------------------------------------------------------------- around the loop
@@ -328,50 +315,7 @@ def check_ranks_agree(raw_model, world, device):
         sums = [c.tolist() for c in everyone]
         raise RuntimeError(f"DDP ranks ended with different adapters (checksums {sums})")
     if dist.get_rank() == 0:
-        say(f"all {world} processes end with the same adapter", "")
-
-
-def not_finite(loss, step, saved_step, args, scaler):
-    """The message when the loss is inf or NaN: no step was taken on it, so the checkpoint in
-    --out holds good weights; say which."""
-    kept = "no checkpoint yet"
-    if saved_step is not None:
-        kept = f"the checkpoint of step {saved_step} in {args.out} is kept"
-    hint = "try a lower --lr or --alpha"
-    if scaler.is_enabled():  # loss scaling cannot help a forward pass that overflowed
-        hint += ", or --dtype bfloat16 or float32: float16 stops at 65504"
-    return f"loss became {loss} at step {step}; stopped, {kept} ({hint})"
-
-
-def finish(args, master, step, skipped_steps, best, saved, sig):
-    """The last lines, and the exit status: 0, or 128 + the signal that stopped the run."""
-    if sig:
-        if master:
-            say(f"stopped by {signal.Signals(sig).name} at step {step}; checkpoint saved in "
-                f"{args.out}, continue with --resume", "")
-        return 128 + sig
-    if not master:
-        return 0
-    skipped = ""
-    if skipped_steps:
-        skipped = (f" ({skipped_steps} skipped: float16 gradients overflowed, the loss scale "
-                   "was lowered)")
-    adapter = f"{args.out}/{lora.ADAPTER_FILE}"
-    if best:
-        kept = (f"{adapter} holds the adapter of epoch {best['epoch']} (validation loss "
-                f"{best['val_loss']:.4f}, the best); the last one is {args.out}/"
-                f"{checkpoint.LAST_ADAPTER}")
-    else:
-        kept = f"adapter saved in {adapter} (not validated yet: no epoch has ended)"
-    if saved["epoch"] < args.epochs:  # --max-steps, mid-run
-        say(f"reached --max-steps {args.max_steps} at step {step}{skipped} (epoch "
-            f"{saved['epoch'] + 1}/{args.epochs}): {kept}; --resume with a larger "
-            "--max-steps, or none, goes on", "")
-    else:
-        say(f"done: {args.epochs} epoch(s), {step} steps{skipped}; {kept}", "")
-    if args.plot:
-        say(f"wrote {checkpoint.plot(args.out)}", "")
-    return 0
+        say(f"all {world} processes end with the same adapter")
 
 
 # ----------------------------------------------------------------------------- what it prints
@@ -388,64 +332,16 @@ def summary(args, model, info, device, dtype, why, world):
             f"formulas: {formulas}")
 
 
-class Clock:
-    """The epoch's speed and the progress line. On a terminal one line is rewritten in place
-    after every step; in a log file a line after the first step, then one at least every
-    EVERY seconds, and the epoch's last step: a slow CPU still shows it is alive."""
-    EVERY = 30.0
-
-    def __init__(self, epoch, steps):
-        self.epoch, self.steps = epoch, steps
-        self.start, self.tokens, self.done, self.shown = time.time(), 0, 0, None
-
-    def tick(self, tokens):
-        """Count one step of `tokens` tokens; returns the epoch's tokens per second so far."""
-        self.tokens, self.done = self.tokens + tokens, self.done + 1
-        return self.tokens / max(time.time() - self.start, 1e-9)
-
-    def show(self, i, loss, alpha, epochs, final=False):
-        global _line_open
-        now = time.time()
-        left = (now - self.start) / self.done * (self.steps - i)  # this session's pace
-        line = (f"epoch {self.epoch + 1}/{epochs} step {i}/{self.steps} loss {loss:.4f} "
-                f"alpha {alpha:g} {self.tokens / max(now - self.start, 1e-9):.0f} tok/s, "
-                f"epoch ends in {duration(left)}")
-        final = final or i == self.steps
-        if sys.stderr.isatty():
-            print("\r" + line + "\033[K", end="\n" if final else "", file=sys.stderr, flush=True)
-            _line_open = not final
-        elif final or self.shown is None or now - self.shown >= self.EVERY:
-            print(line, file=sys.stderr, flush=True)
-            self.shown = now
-
-
-def duration(seconds):
-    """'45 s', '12 min', '3.4 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-_line_open = False  # a progress line on the terminal still waits for its newline
-
-
-def say(message, prefix="train.py: "):
-    """A line of its own on stderr, even after an open progress line."""
-    global _line_open
-    print(("\n" if _line_open else "") + prefix + message, file=sys.stderr, flush=True)
-    _line_open = False
-
-
 def main(argv=None):
     args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return train(args)
     except KeyboardInterrupt:  # Ctrl-C before the loop took it over, i.e. while loading
-        say("interrupted before training started; nothing was written to --out")
+        say("train.py: interrupted before training started; nothing was written to --out")
         return 130
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
-        say(f"error: {e}")
+        say(f"train.py: error: {e}")
         return 1 if isinstance(e, FloatingPointError) else 2
     except (torch.OutOfMemoryError, RuntimeError) as e:
         text = str(e)  # CUDA says "out of memory", the CPU allocator "can't allocate"
@@ -453,7 +349,7 @@ def main(argv=None):
                 or "can't allocate" in text):
             raise
         smaller = max(1, args.batch_size // 2)
-        say(f"error: out of memory at --batch-size {args.batch_size}; try "
+        say(f"train.py: error: out of memory at --batch-size {args.batch_size}; try "
             f"--batch-size {smaller} or --grad-accum {args.grad_accum * 2}")
         return 1
     finally:

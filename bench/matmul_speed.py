@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import torch
 
@@ -48,7 +47,7 @@ def gflops(device, dtype, m, k, n, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="matmul_speed.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.matmul_speed", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtypes", type=dtype_list, default=list(DTYPES), metavar="A,B,...",

@@ -1,7 +1,17 @@
-"""Adapters to other formats: `python -m export --adapter out --format FORMAT --out DIR`.
+"""Adapters to other formats: python -m export --adapter out --format FORMAT --out DIR
 
-    peft     PEFT's adapter folder (export/peft.py): peft.PeftModel.from_pretrained reads it
-    merged   a Hugging Face model folder with LoRA folded into the weights (export/merged.py)
+    peft       PEFT's adapter folder (export/peft.py): peft.PeftModel.from_pretrained reads it
+    merged     a Hugging Face model folder, LoRA folded into the weights (export/merged.py);
+               --dtype float32 (default), bfloat16 or float16
+    gguf       one GGUF file of the merged model and an Ollama Modelfile (export/gguf.py), for
+               llama.cpp, Ollama, LM Studio; --type f32 (default), f16, bf16 or q8_0;
+               --no-adapter --model M writes the base alone
+    lora-gguf  the adapter alone as a GGUF LoRA (export/gguf_lora.py), for llama.cpp's --lora
+               and Ollama's ADAPTER, on the base's GGUF; --type f32 (default), f16 or bf16
+
+merged and gguf print how much of alpha * B @ A the chosen type keeps. With --data (a quotes
+JSONL file), merged, gguf and lora-gguf also read the written file back and compare its greedy
+tags with the adapter's on the first --check held-out quotes (export/check.py).
 """
 import argparse
 import sys
@@ -10,24 +20,119 @@ import torch
 
 import lora
 from checkpoint import check_out_dir
-from export.merged import export_merged
+from common import HelpFormatter, positive
+from export.check import agreement, greedy_completions, held_out_prompts, run_settings
+from export.merged import DEFAULT_DTYPE, DTYPES, describe_lost, export_merged
 from export.peft import export_peft, read_any
 from llama import Llama
+
+FORMATS = ("peft", "merged", "gguf", "lora-gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export/gguf.py's TYPES (it imports gguf lazily)
+CHECK = 8  # held-out quotes compared by default: a minute for SmolLM2 on a CPU
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", required=True, help="train.py's --out folder, "
-                   "an adapter .safetensors file, or a PEFT adapter folder")
-    p.add_argument("--format", required=True, choices=["peft", "merged"],
-                   help="peft: adapter_config.json + adapter_model.safetensors for "
-                   "peft.PeftModel; merged: a full HF model folder with LoRA folded "
-                   "into the weights")
-    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
-    p.add_argument("--model", help="base model, hub id or local folder (default: the one "
-                   "the adapter records); for peft it only sets base_model_name_or_path")
-    return p, p.parse_args(argv)
+                                formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--adapter", help="train.py's --out folder, an adapter .safetensors file, "
+        "or a PEFT adapter folder")
+    add("--no-adapter", action="store_true", help="--format gguf of the base alone "
+        "(the base GGUF a lora-gguf export runs on); needs --model")
+    add("--format", required=True, choices=FORMATS, help="what to write (see above)")
+    add("--out", required=True, help="folder to create (must not exist or be empty)")
+    add("--model", help="base model, hub id or local folder (default: the one the adapter "
+        "records); for peft it only sets base_model_name_or_path")
+    add("--dtype", choices=list(DTYPES), help=f"merged: the weights' dtype "
+        f"(default: {DEFAULT_DTYPE}, the one that keeps the update)")
+    add("--type", choices=GGUF_TYPES, help="gguf, lora-gguf: the weights' GGML type "
+        "(default: f32)")
+    add("--data", help="quotes JSONL file: compare the export's greedy tags with the "
+        "adapter's on held-out quotes (the adapter's run.json gives the split)")
+    add("--check", type=positive(int), default=None,
+        help=f"how many held-out quotes --data compares (default: {CHECK})")
+    args = p.parse_args(argv)
+    if bool(args.adapter) == args.no_adapter:
+        p.error("pass --adapter DIR, or --no-adapter for the base alone")
+    if args.no_adapter and (args.format != "gguf" or not args.model):
+        p.error("--no-adapter writes the base as GGUF: it needs --format gguf and --model")
+    if args.dtype and args.format != "merged":
+        p.error(f"--dtype is for --format merged; --format {args.format} takes "
+                f"{'--type' if 'gguf' in args.format else 'no dtype'}")
+    if args.type and "gguf" not in args.format:
+        p.error(f"--type is for --format gguf and lora-gguf, not {args.format}")
+    if (args.data or args.check) and args.format == "peft":
+        p.error("--data and --check compare completions of merged, gguf and lora-gguf exports; "
+                "peft writes the adapter unchanged")
+    if args.check and not args.data:
+        p.error("--check needs --data, the quotes file its held-out prompts come from")
+    return p, args
+
+
+def load_model(args):
+    """The base in float32 with the adapter in (not merged), and the adapter's metadata."""
+    if args.no_adapter:
+        return Llama.from_pretrained(args.model, dtype=torch.float32), None
+    tensors, meta = read_any(args.adapter)
+    base = args.model or meta["base_model"]
+    if not base:
+        raise ValueError(f"{args.adapter} does not record its base model; pass --model")
+    # Merge in float32 whatever the base's dtype: the exports round once, into their own type.
+    model = Llama.from_pretrained(base, dtype=torch.float32)
+    lora.load_adapter(model, (tensors, meta))
+    return model, meta
+
+
+def write(model, args):
+    """Write the export; returns the path whose completions check() compares."""
+    if args.format == "merged":
+        dtype = args.dtype or DEFAULT_DTYPE
+        print(describe_lost(export_merged(model, args.out, dtype), dtype))
+        return args.out
+    if args.format == "gguf":
+        from export.gguf import GGUF_FILE, export_gguf  # imports gguf only now
+        weight_type = args.type or "f32"
+        lost = export_gguf(model, args.out, weight_type)
+        if not args.no_adapter:
+            print(describe_lost(lost, weight_type))
+        return f"{args.out}/{GGUF_FILE}"
+    from export.gguf_lora import ADAPTER_GGUF, BASE_GGUF, export_lora_gguf
+    export_lora_gguf(model, args.out, args.type or "f32")
+    print(f"the Modelfile runs it on {args.out}/{BASE_GGUF}, the base as GGUF: "
+          f"python -m export --no-adapter --model {model.name_or_path} --format gguf --out DIR, "
+          f"then copy DIR/model.gguf there")
+    return f"{args.out}/{ADAPTER_GGUF}"
+
+
+def read_back(path, args, model):
+    """What the project reads from the written file: a float32 Llama to generate with."""
+    if args.format == "merged":
+        return Llama.from_pretrained(path, dtype=torch.float32)
+    if args.format == "gguf":
+        from export.gguf import model_from_gguf
+        return model_from_gguf(path, model.model_dir)
+    from export.gguf_lora import read_lora_gguf
+    fresh = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
+    lora.load_adapter(fresh, read_lora_gguf(path, fresh.config))
+    return fresh
+
+
+def check(model, path, args):
+    """Print whether the export's greedy tags equal the adapter's on --check held-out quotes."""
+    if not args.data:
+        print("greedy tags not compared: pass --data quotes.jsonl to compare the export's with "
+              "the adapter's on held-out quotes")
+        return
+    from data import QuoteTokenizer
+    n = args.check or CHECK
+    prompts = held_out_prompts(model.model_dir, args.data, n,
+                               run_settings(args.adapter) if args.adapter else {})
+    tokenizer = QuoteTokenizer.from_model_dir(model.model_dir)
+    expected = greedy_completions(model, tokenizer, prompts)
+    got = greedy_completions(read_back(path, args, model), tokenizer, prompts)
+    source = "the base's" if args.no_adapter else "the adapter's (unmerged, float32)"
+    print(f"greedy tags of {n} held-out quotes: the export's equal {source} on "
+          f"{agreement(expected, got)}")
 
 
 def main(argv=None):
@@ -36,18 +141,14 @@ def main(argv=None):
         check_out_dir(args.out)  # before loading a 1B model, not after
         if args.format == "peft":
             export_peft(args.adapter, args.out, base_model=args.model)
-        else:
-            tensors, meta = read_any(args.adapter)
-            base = args.model or meta["base_model"]
-            if not base:
-                raise ValueError(f"{args.adapter} does not record its base model; pass --model")
-            # Merge in float32; export_merged saves in the base's dtype.
-            model = Llama.from_pretrained(base, dtype=torch.float32)
-            lora.load_adapter(model, (tensors, meta))
-            export_merged(model, args.out)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
+            print(f"wrote {args.out}")
+            return 0
+        model, _ = load_model(args)
+        path = write(model, args)
+        print(f"wrote {args.out}")
+        check(model, path, args)
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         parser.exit(2, f"python -m export: error: {' '.join(str(e).split())}\n")
-    print(f"wrote {args.out}")
     return 0
 
 

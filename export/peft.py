@@ -123,7 +123,9 @@ def read_any(path):
 
 def import_peft(model, peft_dir, alpha=None, expected_base=None):
     """Put a PEFT adapter into the model (lora.load_adapter); returns its metadata."""
-    return lora.load_adapter(model, read_peft(peft_dir), alpha, expected_base)
+    meta = lora.load_adapter(model, read_peft(peft_dir), alpha, expected_base)
+    meta.pop("base_weights", None)  # only checked: a copy of the vocabulary matrix, not to keep
+    return meta
 
 
 def export_peft(source, out_dir, base_model=None):

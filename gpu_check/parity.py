@@ -1,15 +1,17 @@
 """Our Llama against transformers' on one device in one dtype: the logits of a few quotes.
 
-    python scripts/parity.py --model DIR --data quotes.jsonl --device cuda --dtype bfloat16
+    python -m gpu_check.parity --model DIR --data quotes.jsonl --device cuda --dtype bfloat16
 
-Three models hold the same weights: transformers' LlamaForCausalLM in float32 (the oracle),
-transformers' in DTYPE (its weights in DTYPE, as its users run it) and ours in DTYPE (the frozen
-base stored in DTYPE under autocast, kernels.py on, as train.py and sample.py run it). Each
-quote (bos, the quote, " | tags:") goes through all three alone, without padding. For the two
-DTYPE models it reports the largest logit error against the oracle, in units of DTYPE's eps
-times the largest logit (tests/devices.py's normwise measure), and how often their top token is
-the oracle's. Ours passes (exit 0) when its error is at most twice transformers' own, or
-8 eps: rounding in DTYPE is no worse here than there. A last line holds the numbers as JSON.
+Four models hold the same weights: transformers' LlamaForCausalLM in float32 (the oracle),
+transformers' in DTYPE (its weights in DTYPE, as its users run it), and ours in DTYPE twice (the
+frozen base stored in DTYPE, under autocast): as train.py and sample.py run it by default,
+llama.py's formulas as written ("ours"), and with the speed chapter ("ours --kernels",
+speed/kernels.py on). Each quote (bos, the quote, " | tags:") goes through each model alone,
+without padding. For the DTYPE models it reports the largest logit error against the oracle, in
+units of DTYPE's eps times the largest logit (tests/devices.py's normwise measure), and how often
+their top token is the oracle's. Ours passes (exit 0) when both of its errors are at most twice
+transformers' own, or 8 eps: rounding in DTYPE is no worse here than there. A last line holds
+the numbers as JSON ("ours", "ours_kernels").
 """
 import argparse
 import json

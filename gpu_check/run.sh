@@ -6,7 +6,10 @@
 #                                             short settings (tests/test_gpu_check.py)
 #
 # The steps, in this order, each under `timeout` and all under one deadline (GPU_CHECK_BUDGET
-# seconds, 460 by default; a step that would start too late is recorded as not run):
+# seconds, 460 by default; a step that would start too late is recorded as not run). The dry run
+# shares a small CPU with whatever else runs there (a test suite on 2 loaded cores): each of its
+# step budgets, and its deadline, is GPU_CHECK_SCALE times the GPU run's (3 by default; the GPU
+# run's own are never scaled):
 #   setup      python packages (pip install -r requirements-dev.txt only if one is missing),
 #              the machine, and the dtype --dtype auto picks on it
 #   models     the offline stand-ins: `models.py llama1b` (and smollm2, which needs pip to reach
@@ -28,7 +31,7 @@
 #
 # Environment: PYTHON (default python3), LORA_SHARED (the offline stand-ins; default ./shared or
 # ../shared), LORA_MODELS (where models.py writes), GPU_CHECK_BATCH (bench's batch),
-# GPU_CHECK_BUDGET (seconds for all steps).
+# GPU_CHECK_BUDGET (seconds for all steps), GPU_CHECK_SCALE (the dry run's budget multiplier).
 set -uo pipefail
 # Paths made absolute before the cd to the repository root, where a relative one would point
 # elsewhere: this script's own (step() runs it again, `bash "$SELF" --inner`, from the root), and
@@ -51,6 +54,15 @@ case "${1:-}" in
     *) echo "usage: bash gpu_check/run.sh [--cpu-dry-run]" >&2; exit 2 ;;
 esac
 DRY="${GPU_CHECK_DRY:-0}"
+SCALE=1  # the step budgets below are the GPU run's; the dry run's are SCALE times as long
+if [ "$DRY" = 1 ]; then
+    SCALE="${GPU_CHECK_SCALE:-3}"
+    case "$SCALE" in
+        "" | *[!0-9]* | 0*)
+            echo "gpu_check: GPU_CHECK_SCALE must be a whole number >= 1, got '$SCALE'" >&2
+            exit 2 ;;
+    esac
+fi
 
 PY="${PYTHON:-python3}"
 RESULTS="${OUT:+$OUT/gpu_check.md}"
@@ -63,10 +75,11 @@ else SHARED="$(cd .. && pwd)/shared"; fi
 
 # ----------------------------------------------------------------------------- how a step runs
 
-# step NAME CAP COMMAND...: run COMMAND under timeout (CAP seconds, or what the deadline leaves),
-# log it, and append a section to the results: status, seconds, the last lines of its output.
+# step NAME CAP COMMAND...: run COMMAND under timeout (CAP seconds, times SCALE in the dry run, or
+# what the deadline leaves), log it, and append a section to the results: status, seconds, the
+# last lines of its output.
 step() {
-    local name="$1" cap="$2"
+    local name="$1" cap="$(($2 * SCALE))"
     shift 2
     local left=$((DEADLINE - $(date +%s)))
     local limit=$((cap < left ? cap : left))
@@ -95,7 +108,7 @@ step() {
         *) status="FAILED (exit $rc)" ;;
     esac
     {
-        echo "$status in ${seconds}s; log: gpu_check-logs/$(basename "$log")"
+        echo "$status in ${seconds}s of ${limit}s; log: gpu_check-logs/$(basename "$log")"
         echo
         echo '```'
         grep -v -e '^epoch [0-9]' -e 'it/s]' "$log" | tail -n 30
@@ -244,7 +257,7 @@ if [ "$INNER" = 1 ]; then
     exit $?
 fi
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET:-460}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET:-$((460 * SCALE))}))
 SUMMARY=()
 STOP=""  # set when a failed step leaves the others nothing to run on
 mkdir -p "$LOGS"
@@ -252,7 +265,8 @@ mkdir -p "$LOGS"
     echo "# gpu_check $([ "$DRY" = 1 ] && echo "(--cpu-dry-run)")"
     echo
     commit="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
+    scaled="$([ "$SCALE" != 1 ] && echo " (the GPU run's step budgets x$SCALE)")"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit, budget $((DEADLINE - START))s$scaled"
 } > "$RESULTS"
 
 step "setup" 120 setup

@@ -103,14 +103,12 @@ def three_epochs(setup, tmp_path_factory):
     import torch
 
     import checkpoint
-    import export
     import lora
     import train
     from tiny_run import three_epoch_args
     out = tmp_path_factory.mktemp("three_epochs") / "out"
     seen = {"saves": []}
-    real_add_lora, real_adamw = lora.add_lora, torch.optim.AdamW
-    real_save = checkpoint.save_checkpoint
+    real_add_lora, real_adamw, real_save = lora.add_lora, torch.optim.AdamW, checkpoint.save
 
     def add_lora(model, **kwargs):
         names = real_add_lora(model, **kwargs)
@@ -122,16 +120,16 @@ def three_epochs(setup, tmp_path_factory):
         seen["optimized"] = list(params)
         return real_adamw(seen["optimized"], **kwargs)
 
-    def save_checkpoint(out, raw_model, optimizer, state, base_model, scaler):
-        real_save(out, raw_model, optimizer, state, base_model, scaler)
-        ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
-        saved_alpha = export.read_adapter(out / export.ADAPTER_FILE)[1]["alpha"]
+    def save(out, model, optimizer, scaler, position, base_model, best_too=False):
+        real_save(out, model, optimizer, scaler, position, base_model, best_too)
+        ckpt = torch.load(Path(out) / checkpoint.CHECKPOINT, weights_only=False)
+        saved_alpha = lora.read_adapter(Path(out) / checkpoint.LAST_ADAPTER)[1]["alpha"]
         seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lora, "add_lora", add_lora)
         mp.setattr(torch.optim, "AdamW", adamw)
-        mp.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+        mp.setattr(checkpoint, "save", save)
         assert train.main(three_epoch_args(setup, out, "--plot")) == 0
     return out, seen
 
@@ -139,9 +137,9 @@ def three_epochs(setup, tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a large model folder (CI still runs these)")
     config.addinivalue_line("markers", "device: runs on every device of tests/devices.py "
-                            "(scripts/gpu_check.sh selects these with -m device)")
-    config.addinivalue_line("markers", "nested: runs a whole scripts/gpu_check.sh of its own "
-                            "(gpu_check.sh's own 'other tests' step leaves these out)")
+                            "(gpu_check/run.sh selects these with -m device)")
+    config.addinivalue_line("markers", "nested: runs a whole gpu_check/run.sh of its own "
+                            "(run.sh's own 'other tests' step leaves these out)")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The devices and low-precision dtypes that device-taking tests run on.
 
-The CPU always; CUDA and MPS where this machine has them, so that scripts/gpu_check.sh runs the
+The CPU always; CUDA and MPS where this machine has them, so that gpu_check/run.sh runs the
 same tests on a GPU (`pytest -m device` selects them). A test takes them through `on_devices`,
 which marks it `device` and gives it a `device` argument.
 """

@@ -1,4 +1,5 @@
-"""export.py's adapter files: save_adapter, load_adapter, write_atomic, and what they refuse.
+"""lora.py's adapter files (save_adapter, load_adapter), checkpoint.write_atomic, and what they
+refuse.
 
 Oracle: the logits of the model that wrote an adapter; a reload into a fresh copy of the base must
 reproduce them exactly.
@@ -10,10 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import export
-from export import load_adapter, save_adapter, write_atomic
+import lora
+from checkpoint import write_atomic
+from export.peft import export_peft, import_peft
 from llama import Llama
-from lora import add_lora, count_parameters, lora_modules, lora_state_dict
+from lora import (add_lora, count_parameters, load_adapter, lora_modules, lora_state_dict,
+                  save_adapter)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import TOKENS, randomize_b
@@ -135,17 +138,18 @@ def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp
             f.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "save_file", crash)
+    monkeypatch.setattr(lora, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(untied, path, base_model="x")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
 
 
-def test_an_adapter_written_before_export_py_still_loads(untied, base_models, tmp_path):
-    """The file lora.py wrote before the adapter code moved to export.py, spelled out by hand:
-    keys as in the model's state dict, metadata str -> str. It must load, and save_adapter must
-    still write exactly these keys and metadata."""
+def test_an_adapter_written_by_earlier_versions_still_loads(untied, base_models, tmp_path):
+    """The file lora.py wrote before the adapter code moved (to export.py and back), by hand:
+    keys as in the model's state dict, metadata str -> str, init "seed" (the method's init before
+    it was named "random"). It must load, and save_adapter must still write exactly these keys and
+    metadata, init spelled "random" now."""
     add_lora(untied, r=2, alpha=0.5, targets=["q_proj"])
     randomize_b(untied)
     tensors = {k: t for k, t in untied.state_dict().items() if ".lora_module." in k}
@@ -159,7 +163,8 @@ def test_an_adapter_written_before_export_py_still_loads(untied, base_models, tm
     assert torch.equal(fresh(TOKENS), untied(TOKENS))
     new = save_adapter(untied, tmp_path / "new.safetensors", base_model="org/base")
     with safe_open(new, "pt") as f:
-        assert f.metadata() == old_meta and set(f.keys()) == set(tensors)
+        assert f.metadata() == {**old_meta, "init": "random"}
+        assert set(f.keys()) == set(tensors)
 
 
 # ----------------------------------------------------------------------------- write_atomic
@@ -214,7 +219,7 @@ def test_write_atomic_writes_a_folder_whole_or_not_at_all(tmp_path):
 def peft_with_base_weight(model, out, key, tensor):
     """Our adapter exported to PEFT plus one of the base's own tensors, as peft saves the head of
     an adapter on lm_head (`...lm_head.base_layer.weight`) or a resized embedding."""
-    export.export_peft(model, out)
+    export_peft(model, out)
     file = out / "adapter_model.safetensors"
     save_file({**load_file(file), key: tensor.contiguous()}, file, metadata={"format": "pt"})
     return out
@@ -230,11 +235,11 @@ def test_a_peft_base_weight_fits_the_same_base_in_another_dtype(untied, tiny_dir
     head = untied.lm_head.original_module.weight.detach()
     peft_with_base_weight(untied, tmp_path / "f32", HEAD, head)
     bf16 = Llama.from_pretrained(tiny_dirs["untied"], dtype=torch.bfloat16)
-    load_adapter(bf16, tmp_path / "f32")
+    import_peft(bf16, tmp_path / "f32")
     assert "lm_head" in lora_modules(bf16)
     peft_with_base_weight(untied, tmp_path / "bf16", HEAD, head.to(torch.bfloat16))
     f32 = Llama.from_pretrained(tiny_dirs["untied"])
-    meta = load_adapter(f32, tmp_path / "bf16")
+    meta = import_peft(f32, tmp_path / "bf16")
     assert torch.equal(f32(TOKENS), untied(TOKENS))
     assert "base_weights" not in meta  # checked, then dropped: it can be the size of the vocab
 
@@ -247,7 +252,7 @@ def test_a_peft_base_weight_of_another_shape_is_refused_by_name(untied, tmp_path
     peft_with_base_weight(untied, tmp_path / "peft", key, resized)
     with pytest.raises(ValueError, match=f"^adapter holds {key}, which differs from this "
                                          "model's model.embed_tokens.weight: "):
-        load_adapter(copy.deepcopy(untied), tmp_path / "peft")
+        import_peft(copy.deepcopy(untied), tmp_path / "peft")
 
 
 def test_a_peft_base_weight_the_model_lacks_is_refused_by_name(untied, tmp_path):
@@ -256,4 +261,4 @@ def test_a_peft_base_weight_the_model_lacks_is_refused_by_name(untied, tmp_path)
     peft_with_base_weight(untied, tmp_path / "peft", key, torch.zeros(48))
     with pytest.raises(ValueError, match=f"^adapter holds {key}, "
                                          "a weight this model does not have$"):
-        load_adapter(copy.deepcopy(untied), tmp_path / "peft")
+        import_peft(copy.deepcopy(untied), tmp_path / "peft")

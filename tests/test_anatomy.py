@@ -1,7 +1,8 @@
-"""anatomy.py (`python lora.py inspect`): the numbers of each update dW = alpha B A.
+"""anatomy/ (`python -m anatomy ADAPTER`, formerly `python lora.py inspect`): the numbers of each
+update dW = alpha B A.
 
 Oracles: values computed by hand for a hand-built W and a rank-1 update; numpy's SVD of the dense
-dW (the plain formula, never the QR shortcut anatomy.py takes); zeros for a zero update.
+dW (the plain formula, never the QR shortcut anatomy takes); zeros for a zero update.
 """
 import json
 import math
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 import anatomy
-import export
 from anatomy import update_anatomy
-from lora import LoraModule, add_lora, lora_modules
+from export.peft import export_peft
+from lora import LoraModule, add_lora, lora_modules, save_adapter
 from tiny import randomize_b
 from tiny_run import ROOT, one_torch_thread
 
@@ -154,14 +155,14 @@ def adapter(base_models, tiny_dirs, tmp_path_factory):
     add_lora(model, r=2, alpha=0.75, targets=["q_proj", "v_proj", "lm_head"])
     randomize_b(model)
     root = tmp_path_factory.mktemp("anatomy")
-    path = export.save_adapter(model, root / "adapter.safetensors",
-                               base_model=str(tiny_dirs["tied"]))
-    export.export_peft(path, root / "peft")
+    path = save_adapter(model, root / "adapter.safetensors", base_model=str(tiny_dirs["tied"]))
+    export_peft(path, root / "peft")
     return path, root / "peft", model
 
 
 def inspect(*argv):
-    return subprocess.run([sys.executable, "lora.py", "inspect", *map(str, argv)], cwd=ROOT,
+    """python -m anatomy ARGV, as a user runs it from the repository."""
+    return subprocess.run([sys.executable, "-m", "anatomy", *map(str, argv)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -215,7 +216,7 @@ def test_cli_refuses_a_missing_adapter_in_one_line(tmp_path):
     done = inspect(tmp_path / "missing")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        f"lora.py inspect: error: {tmp_path / 'missing'}: no such adapter file or folder"]
+        f"python -m anatomy: error: {tmp_path / 'missing'}: no such adapter file or folder"]
 
 
 def test_plot_without_matplotlib_is_refused_before_loading(adapter, monkeypatch, capsys):
@@ -224,7 +225,7 @@ def test_plot_without_matplotlib_is_refused_before_loading(adapter, monkeypatch,
     monkeypatch.setattr(anatomy, "load", lambda *a: pytest.fail("loaded a model"))
     assert anatomy.main([str(path), "--plot", "x.png"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "lora.py inspect: error: --plot needs matplotlib: pip install matplotlib"]
+        "python -m anatomy: error: --plot needs matplotlib: pip install matplotlib"]
 
 
 @pytest.mark.parametrize("where, problem", [
@@ -238,7 +239,7 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_loading(
     png = tmp_path / where
     assert anatomy.main([str(path), "--plot", str(png)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"lora.py inspect: error: --plot {png}: {problem.format(tmp=tmp_path)}"]
+        f"python -m anatomy: error: --plot {png}: {problem.format(tmp=tmp_path)}"]
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
@@ -258,30 +259,23 @@ def test_a_plot_that_fails_keeps_the_numbers(adapter, tmp_path, monkeypatch, cap
     else:
         assert len(out.splitlines()) == 1 + 1 + n + 1  # title, header, the modules, the medians
     assert err.splitlines() == [
-        f"lora.py inspect: error: --plot {png}: [Errno 28] No space left on device"]
+        f"python -m anatomy: error: --plot {png}: [Errno 28] No space left on device"]
 
 
-def test_inspect_help_shows_the_adapters_default():
-    done = subprocess.run([sys.executable, "lora.py", "inspect", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+def test_help_shows_the_adapters_default():
+    done = inspect("--help")
     assert done.returncode == 0
+    assert done.stdout.startswith("usage: python -m anatomy ")
     help_text = " ".join(done.stdout.split())
     assert "ADAPTER train.py --out folder, adapter file or PEFT folder (default: out)" in help_text
 
 
-def test_lora_py_help_lists_both_commands():
-    done = subprocess.run([sys.executable, "lora.py", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0
-    assert "{export,inspect}" in done.stdout
-    assert "inspect: what an adapter learned" in " ".join(done.stdout.split())
-    bare = subprocess.run([sys.executable, "lora.py"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert bare.returncode == 2
-    assert bare.stderr.splitlines()[-1] == (
-        "lora.py: error: the following arguments are required: command")
-    typo = subprocess.run([sys.executable, "lora.py", "show"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert typo.returncode == 2
-    assert typo.stderr.splitlines()[-1] == ("lora.py: error: argument command: invalid choice: "
-                                            "'show' (choose from 'export', 'inspect')")
+def test_lora_py_run_as_a_command_points_to_python_m_anatomy():
+    """lora.py is the lesson, no command any more: `python lora.py inspect` says where the
+    anatomy went, in a few lines, with no traceback."""
+    done = subprocess.run([sys.executable, "lora.py", "inspect", "out"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert "python -m anatomy out      (what an adapter learned; was `lora.py inspect`)" in (
+        done.stderr)

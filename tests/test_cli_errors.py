@@ -15,15 +15,15 @@ import torch
 
 import checkpoint
 import common
-import export
 import lora
 import sample
 import train
-from data import prompt_text
+from data import EXPECTED_FORMAT, prompt_text
+from export.peft import export_peft
 from llama import Llama
 from tiny import PLAIN_MHA_UNTIED, write_tiny_model
-from tiny_run import (PAIRS, hashes, metrics, one_torch_thread, popen_script, run_script,
-                      tiny_model, train_args, write_quotes)
+from tiny_run import (PAIRS, RUN_FILES, hashes, metrics, one_torch_thread, popen_script,
+                      run_script, tiny_model, train_args, write_quotes)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,6 +122,10 @@ def bad_inputs(tmp_path, model_dir, quotes):
     bad_line.write_text(quotes.read_text().splitlines()[0] + "\n\n{\"quote\": \"x\", tags: []}\n")
     array = tmp_path / "array.json"
     array.write_text(json.dumps([json.loads(line) for line in quotes.read_text().splitlines()]))
+    csv = tmp_path / "quotes.csv"  # the dataset as a spreadsheet would save it
+    csv.write_text('quote,author,tags\n"Be yourself.",Oscar Wilde,"honesty,life"\n')
+    one_object = tmp_path / "one.json"  # a row pretty-printed over several lines
+    one_object.write_text(json.dumps(json.loads(quotes.read_text().splitlines()[0]), indent=2))
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     return {
@@ -130,9 +134,12 @@ def bad_inputs(tmp_path, model_dir, quotes):
         "data_line_not_json": (model_dir, bad_line,
                                f"{bad_line}:3: not valid JSON (Expecting property name "
                                "enclosed in double quotes at column 16)"),
-        "data_json_array": (model_dir, array,
-                            f"{array}: is a JSON array; "
-                            "expected JSONL (one JSON object per line)"),
+        "data_json_array": (model_dir, array, f"{array}: is a JSON array; {EXPECTED_FORMAT}"),
+        "data_csv": (model_dir, csv, f"{csv}:1: not valid JSON (Expecting value at column 1); "
+                                     f"{EXPECTED_FORMAT}"),
+        "data_pretty_json": (model_dir, one_object,
+                             f"{one_object}:1: not valid JSON (Expecting property name enclosed "
+                             f"in double quotes at column 2); {EXPECTED_FORMAT}"),
         "model_missing": (tmp_path / "nowhere", quotes,
                           f"model folder {tmp_path / 'nowhere'} does not exist "
                           "(nor is it a hub id like org/name)"),
@@ -143,7 +150,8 @@ def bad_inputs(tmp_path, model_dir, quotes):
 
 
 @pytest.mark.parametrize("case", ["data_missing", "data_line_not_json", "data_json_array",
-                                  "model_missing", "model_without_config"])
+                                  "data_csv", "data_pretty_json", "model_missing",
+                                  "model_without_config"])
 def test_bad_data_and_model_files_are_refused(setup, tmp_path, capsys, case):
     model, data, message = bad_inputs(tmp_path, *setup)[case]
     code, err = main_of(train, capsys, train_args(model, data, tmp_path / "out"))
@@ -188,7 +196,8 @@ def test_resume_with_other_settings_is_refused_naming_the_flag(
     code, err = main_of(train, capsys, train_args(*setup, out, "--resume", flag, new))
     assert code == 2
     assert last_line(err) == (f"train.py: error: --resume: {out} holds a run with other settings: "
-                              f"{flag} {old} -> {new}")
+                              f"{flag} {new} (the run's: {old}); leave the flags out to take "
+                              "the run's")
     assert hashes(out) == before
 
 
@@ -209,12 +218,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, ca
     args = train_args(*setup, out, "--lr", 1e30, "--checkpoint-every", 1)
     assert main_of(train, capsys, args + ["--max-steps", 1])[0] == 0
     before = hashes(out)
-    code, err = main_of(train, capsys, args + ["--resume"])
+    code, err = main_of(train, capsys, args + ["--resume", "--max-steps", 5])
     assert code == 1
     assert re.fullmatch(rf"train.py: error: loss became (nan|inf) at step 2; stopped, "
                         rf"the checkpoint of step 1 in {re.escape(str(out))} is kept "
                         rf"\(try a lower --lr or --alpha\)", last_line(err))
-    assert hashes(out) == before
+    unchanged_but_the_length(out, before, max_steps=5)
+
+
+def unchanged_but_the_length(out, before, max_steps):
+    """Every file of the run as it was, but run.json, which --resume rewrote with the --max-steps
+    given (the run's length: a later --resume takes it), and nothing else."""
+    assert {k: v for k, v in hashes(out).items() if k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["max_steps"] == max_steps and run["epochs"] == 1
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(setup, tmp_path, capsys):
@@ -244,11 +262,11 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(
         raise error
 
     monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
-    code, err = main_of(train, capsys, train_args(*setup, out, "--resume"))
+    code, err = main_of(train, capsys, train_args(*setup, out, "--resume", "--max-steps", 5))
     assert code == 1
     assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
                               "try --batch-size 2 or --grad-accum 2")
-    assert hashes(out) == before
+    unchanged_but_the_length(out, before, max_steps=5)
 
 
 def test_ctrl_c_while_loading_the_model_prints_no_traceback(setup, tmp_path, capsys, monkeypatch):
@@ -280,8 +298,7 @@ def test_a_signal_checkpoints_and_exits_128_plus_its_number(setup, tmp_path, sig
     assert last_line(err) == (f"stopped by {sig.name} at step {step}; checkpoint saved in {out}, "
                               "continue with --resume")
     assert torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"] == step
-    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors",
-                                "checkpoint.pt"}
+    assert set(hashes(out)) == RUN_FILES
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -291,8 +308,8 @@ def adapter_file(setup, tmp_path_factory):
     """An adapter of the tiny model (r=4), as train.py would save it."""
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    return export.save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
-                               str(setup[0]))
+    return lora.save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
+                             str(setup[0]))
 
 
 def sample_error(capsys, *argv):
@@ -331,7 +348,7 @@ def test_sample_refuses_an_adapter_of_another_base(setup, tmp_path, capsys):
     other_dir = write_tiny_model(tmp_path / "other", PLAIN_MHA_UNTIED)
     other = Llama.from_pretrained(other_dir)
     lora.add_lora(other, r=4)
-    path = export.save_adapter(other, tmp_path / "other.safetensors", str(other_dir))
+    path = lora.save_adapter(other, tmp_path / "other.safetensors", str(other_dir))
     message = sample_error(capsys, "--model", setup[0], "--adapter", path, PAIRS[0][0])
     assert message == ("sample.py: error: adapter was trained on a base with hidden_size=48, "
                        "this model has hidden_size=64")
@@ -352,7 +369,7 @@ def test_sample_refuses_an_adapter_whose_tensors_are_not_of_its_rank(
 
 
 def test_sample_refuses_a_peft_dora_adapter_by_name(setup, adapter_file, tmp_path, capsys):
-    folder = export.export_peft(adapter_file, tmp_path / "peft")
+    folder = export_peft(adapter_file, tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     message = sample_error(capsys, "--model", setup[0], "--adapter", folder, PAIRS[0][0])

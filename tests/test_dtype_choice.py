@@ -79,27 +79,47 @@ def test_cpu_flags_agree_with_proc_cpuinfo():
     assert (common.cpu_bf16_units() is not None) == has_units
 
 
-@pytest.mark.parametrize("dtype, enabled", [(torch.float16, True), (torch.bfloat16, False),
-                                            (torch.float32, False)])
-def test_loss_scaling_is_on_for_float16_only(dtype, enabled):
-    scaler = common.grad_scaler("cpu", dtype)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(tiny model folder, quotes file, a function giving a fresh --out folder)."""
+    model = tiny_model(tmp_path_factory)
+    quotes = write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl")
+    return model, quotes, lambda: tmp_path_factory.mktemp("run") / "out"
+
+
+@pytest.mark.parametrize("dtype, enabled", [("float16", True), ("bfloat16", False),
+                                            ("float32", False)])
+def test_loss_scaling_is_on_for_float16_only(dtype, enabled, tiny_run, monkeypatch):
+    """train.py's GradScaler, caught as the run makes it: enabled in float16 alone, with
+    PyTorch's first scale (65536, what test_float16.py's rows expect), and a step of 1."""
+    made, real = [], torch.amp.GradScaler
+
+    def grad_scaler(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", grad_scaler)
+    model, quotes, out = tiny_run
+    with one_torch_thread():
+        assert train.main(train_args(model, quotes, out(), "--dtype", dtype,
+                                     "--max-steps", 1)) == 0
+    scaler, = made
     assert scaler.is_enabled() == enabled
     loss = torch.tensor(2.0)
-    assert scaler.scale(loss).item() == (2.0 * 65536 if enabled else 2.0)  # PyTorch's first scale
+    assert scaler.scale(loss).item() == (2.0 * 65536 if enabled else 2.0)
 
 
-def test_the_runs_first_line_names_the_dtype_and_why(monkeypatch, tmp_path_factory, capsys):
+def test_the_runs_first_line_names_the_dtype_and_why(monkeypatch, tiny_run, capsys):
     """train.py --dtype auto on a CPU without bf16 units: float32, and the reason, in the summary
     line that opens the run's output."""
     monkeypatch.setattr(common, "cpu_flags", lambda: {"avx2"})
-    model = tiny_model(tmp_path_factory)
-    quotes = write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl")
-    out = tmp_path_factory.mktemp("run") / "out"
+    model, quotes, new_out = tiny_run
+    out = new_out()
     capsys.readouterr()
     with one_torch_thread():
         assert train.main(train_args(model, quotes, out, "--dtype", "auto", "--max-steps", 1)) == 0
     first = capsys.readouterr().err.splitlines()[0]
-    assert first.startswith(f"{model}: ") and first.endswith(
-        "device cpu, float32 (this CPU has no bf16 units (AVX512-BF16, AMX): bf16 would be "
-        "emulated, 100x slower or more), 1 process(es)")
+    assert first.startswith(f"{model}: ") and (
+        "; device cpu, float32 (this CPU has no bf16 units (AVX512-BF16, AMX): bf16 would be "
+        "emulated, 100x slower or more), 1 process(es); formulas: ") in first
     assert "loss_scale" not in metrics(out, "step")[0]  # float32: no loss scaling to report

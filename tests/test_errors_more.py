@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 import common
 import eval as eval_py
-import export
+import export.cli as export_cli
 import lora
 import sample
 import train
+from export.peft import export_peft
 from llama import Llama
 from tiny_run import hashes, one_torch_thread, tiny_model, train_args, write_quotes
 
@@ -154,7 +155,8 @@ def test_resume_with_another_rank_is_refused(setup, run_copy, capsys):
     out, before = run_copy
     code, line = main_of(train, capsys, train_args(*setup, out, "--resume", "--r", 4))
     assert (code, line) == (2, f"train.py: error: --resume: {out} holds a run "
-                               "with other settings: --r 8 -> 4")
+                               "with other settings: --r 4 (the run's: 8); leave the flags out "
+                               "to take the run's")
     assert hashes(out) == before
 
 
@@ -269,7 +271,7 @@ def test_eval_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
         130, "eval.py: interrupted")
 
 
-# ----------------------------------------------------------------------------- lora.py export
+# ----------------------------------------------------------------------------- python -m export
 
 @pytest.mark.parametrize("option, value",
                          [("use_dora", True), ("use_rslora", True), ("bias", "lora_only")])
@@ -277,13 +279,13 @@ def test_export_refuses_a_peft_option_by_name_and_writes_nothing(
         setup, tmp_path, capsys, option, value):
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    folder = export.export_peft(
-        export.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])), tmp_path / "peft")
+    folder = export_peft(lora.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])),
+                         tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))
-    for form in ["peft", "merged"]:
-        code, line = main_of(export, capsys, ["export", "--adapter", folder, "--format", form,
-                                              "--out", tmp_path / "out"])
-        assert (code, line) == (2, f"lora.py: error: {folder}: PEFT option {option}={value!r} "
-                                   "is not supported (plain LoRA only)")
+    for form in export_cli.FORMATS:  # each reads the adapter before it writes
+        code, line = main_of(export_cli, capsys, ["--adapter", folder, "--format", form,
+                                                  "--out", tmp_path / "out"])
+        assert (code, line) == (2, f"python -m export: error: {folder}: PEFT option "
+                                   f"{option}={value!r} is not supported (plain LoRA only)")
         assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """eval.py's tag scoring, checked against counts done by hand; the split and the prompts it
-scores, checked against the run's own (run.json, and the token ids training read)."""
+scores, checked against the run's own (run.json, and the token ids training read); the speed
+chapter (--kernels) and the written-out attention against the default path's scores."""
 import json
 import re
 
@@ -7,8 +8,7 @@ import pytest
 
 import data
 import eval as eval_py
-import export
-import generate
+import lora
 from data import QuoteTokenizer
 from eval import looks_like_tags, parse_tags, tag_scores
 from tiny_run import one_torch_thread, run_script, tiny_model, train_args, write_quotes
@@ -105,7 +105,7 @@ def test_eval_scores_another_split_when_allowed_with_a_warning(run, capsys):
 def test_eval_reports_the_alpha_it_used(run, capsys):
     """Oracle: the alpha in the adapter's metadata (train.py doubled it after each epoch)."""
     out, split = run
-    saved = export.read_adapter(out)[1]["alpha"]
+    saved = lora.read_adapter(out)[1]["alpha"]
     assert eval_json(capsys, "--adapter", out, *split)[0]["alpha"] == saved
     assert eval_json(capsys, "--adapter", out, *split, "--alpha", 0.3)[0]["alpha"] == 0.3
 
@@ -113,7 +113,7 @@ def test_eval_reports_the_alpha_it_used(run, capsys):
 def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monkeypatch, capsys):
     """Quotes of three-byte characters cut to --max-len: a cut inside a character decodes to
     U+FFFD, and its text encodes to other tokens. Oracle: data.py's samples, as train.py makes
-    them; what generate() is given is recorded."""
+    them; what llama.generate() is given is recorded."""
     model_dir = tiny_model(tmp_path_factory)
     quotes = tmp_path / "utf8.jsonl"
     rows = [{"quote": "x" * i + "\u65e5\u672c\u8a9e" * 20, "tags": ["life"]} for i in range(12)]
@@ -130,10 +130,37 @@ def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monk
         seen.extend(prompts)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(generate, "generate", fake_generate)
+    monkeypatch.setattr(eval_py, "generate", fake_generate)  # llama.generate, as eval.py has it
     eval_json(capsys, "--no-adapter", "--model", model_dir, "--data", quotes, "--max-len", 30,
               "--val-fraction", 0.5)
     assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize("flags", [["--kernels"], ["--attention", "written"]],
+                         ids=["kernels", "written"])
+def test_the_speed_chapter_and_the_written_attention_give_the_default_scores(run, capsys,
+                                                                             monkeypatch, flags):
+    """--kernels (speed/: kernels.use, packed prompts) and --attention written are other ways to
+    compute the same numbers. Oracle: the default run's JSON; the loss to rounding, the
+    completions, and so the tag scores, exactly. The packed generation and llama.attention() are
+    recorded, so that a flag that changed nothing would fail."""
+    import llama
+    from speed import generate as packed
+    out, _ = run
+    calls = []
+    for module, name in ((packed, "generate_packed"), (llama, "attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
+    default, _ = eval_json(capsys, "--adapter", out, "--batch-size", 2)
+    assert calls == []
+    other, _ = eval_json(capsys, "--adapter", out, "--batch-size", 2, *flags)
+    if flags == ["--kernels"]:
+        assert calls == ["generate_packed"] * 3  # 5 quotes, batches of 2
+    else:
+        assert set(calls) == {"attention"}
+    assert other.pop("val_loss") == pytest.approx(default.pop("val_loss"), rel=1e-5)
+    assert other == default
 
 
 def test_help_shows_every_default(capsys):
@@ -148,6 +175,9 @@ def test_help_shows_every_default(capsys):
     assert entries["--n"].endswith("(default: 250)")
     assert entries["--seed"].endswith("else 0)")
     assert entries["--data"].endswith(f"else {data.DEFAULT_DATASET})")
+    assert entries["--attention"].endswith("(default: sdpa)")
+    assert "speed/" in entries["--kernels"] and "(default:" not in entries["--kernels"]
+    assert "--no-kernels" not in entries  # still taken, no longer shown: it is the default
 
 
 # ----------------------------------------------------------------------------- --alpha-sweep
@@ -166,7 +196,7 @@ def test_alpha_sweep_scores_as_eval_at_each_alpha_and_alpha_0_is_the_base(run, c
     out, split = run
     swept, err = eval_json(capsys, "--adapter", out, "--alpha-sweep", "0,0.3,2",
                            "--plot", tmp_path / "sweep.png")
-    assert swept["trained_alpha"] == export.read_adapter(out)[1]["alpha"]
+    assert swept["trained_alpha"] == lora.read_adapter(out)[1]["alpha"]
     rows = [without_seconds(row) for row in swept["sweep"]]
     for row, alpha in zip(rows, [0.0, 0.3, 2.0]):
         alone, _ = eval_json(capsys, "--adapter", out, "--alpha", alpha)

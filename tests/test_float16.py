@@ -9,18 +9,17 @@ bit for bit, scaler state included.
 """
 import json
 import math
+import re
 
 import pytest
 import torch
 
 import checkpoint
 import common
-import data
 import lora
 import train
 from devices import on_devices
-from llama import Llama
-from tiny_run import (PAIRS, adapter, metrics, one_torch_thread, tiny_model, train_args,
+from tiny_run import (adapter, metrics, one_torch_thread, same_tensors, tiny_model, train_args,
                       write_quotes)
 
 EPOCHS = 3
@@ -120,30 +119,31 @@ def test_base_in_float16_lora_and_adamw_in_float32(setup, tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------------- a step that overflows
 
-def one_batch(model_dir):
-    tokenizer = data.QuoteTokenizer.from_model_dir(model_dir)
-    samples = [data.make_sample(tokenizer, quote, tags) for quote, tags in PAIRS[:4]]
-    return data.collate(samples, tokenizer.eos_id)
+def test_a_step_whose_gradients_overflow_is_skipped_and_halves_the_scale(setup, tmp_path,
+                                                                        monkeypatch):
+    """The first step's gradients overflow: GradScaler skips AdamW's step (train.py sees it by
+    the scale going down). Oracles: the LoRA weights before the step, which the checkpoint's
+    adapter must still be, bit for bit, an AdamW that never stepped (no state), and
+    GradScaler's backoff_factor 0.5."""
+    seen = {}
+    add_lora = overflow_at({1})
 
+    def watching(model, **kwargs):
+        names = add_lora(model, **kwargs)
+        seen["initial"] = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+        return names
 
-def test_train_step_skips_a_step_whose_gradients_overflow_and_halves_the_scale(setup):
-    model_dir, _ = setup
-    model = Llama.from_pretrained(model_dir, dtype=torch.float16)
-    torch.manual_seed(0)
-    lora.add_lora(model, r=4, alpha=0.5)
-    model.train()
-    params = lora.lora_parameters(model)
-    params[0].register_hook(lambda grad: torch.full_like(grad, math.inf))
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scaler = common.grad_scaler("cpu", torch.float16)
-    before = [p.detach().clone() for p in params]
-    args = train.parse_args(["--dtype", "float16"])
-    loss, skipped = train.train_step(model, optimizer, scaler, one_batch(model_dir), args,
-                                     rank=0, world=1, device="cpu", dtype=torch.float16)
-    assert math.isfinite(loss) and skipped
-    assert scaler.get_scale() == 65536.0 / 2  # GradScaler's backoff_factor 0.5
-    assert all(torch.equal(p, b) for p, b in zip(params, before))  # AdamW did not step
-    assert optimizer.state == {} and all(p.grad is None for p in params)
+    monkeypatch.setattr(lora, "add_lora", watching)
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--dtype", "float16", "--max-steps", 1)) == 0
+    ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
+    assert seen["initial"].keys() == ckpt["adapter"].keys()
+    assert all(torch.equal(v, ckpt["adapter"][k]) for k, v in seen["initial"].items())
+    assert ckpt["optimizer"]["state"] == {}  # AdamW did not step
+    assert ckpt["scaler"]["scale"] == 65536.0 / 2 and ckpt["skipped_steps"] == 1
+    row, = metrics(out, "step")
+    assert (row["skipped"], row["skipped_steps"], row["loss_scale"]) == (True, 1, 32768.0)
+    assert math.isfinite(row["loss"])  # the loss itself was fine: only gradients overflowed
 
 
 def test_a_run_counts_an_overflowed_step_and_goes_on(setup, tmp_path, monkeypatch, capsys):
@@ -157,9 +157,12 @@ def test_a_run_counts_an_overflowed_step_and_goes_on(setup, tmp_path, monkeypatc
         (1, False, 0, 65536.0), (2, True, 1, 32768.0), (3, False, 1, 32768.0),
         (4, False, 1, 32768.0), (5, False, 1, 32768.0)]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "done: 1 epoch(s), 5 steps (1 skipped: float16 gradients overflowed, the loss scale was "
-        f"lowered); adapter saved in {out / 'adapter.safetensors'}")
+    assert re.fullmatch(
+        r"done: 1 epoch\(s\), 5 steps \(1 skipped: float16 gradients overflowed, the loss scale "
+        rf"was lowered\); {re.escape(str(out / 'adapter.safetensors'))} holds the adapter of "
+        r"epoch 1 \(validation loss \d+\.\d{4}, the best\); the last one is "
+        rf"{re.escape(str(out / checkpoint.LAST_ADAPTER))}",
+        capsys.readouterr().err.splitlines()[-1])
 
 
 def test_a_non_finite_float16_loss_stops_the_run_and_names_the_other_dtypes(
@@ -188,13 +191,14 @@ def test_float16_resume_restores_the_loss_scale_bit_for_bit(setup, tmp_path, mon
     args = run_args(setup, part, "float16", "--checkpoint-every", 2)
     assert train.main(args + ["--max-steps", "7"]) == 0
     monkeypatch.setattr(lora, "add_lora", overflow_at(set()))  # steps 8 to 15: no overflow
-    assert train.main(args + ["--resume"]) == 0
+    assert train.main(args + ["--resume", "--max-steps", "15"]) == 0
 
     def rows(out):
         return [(r["step"], r["loss"], r["skipped"], r["skipped_steps"], r["loss_scale"])
                 for r in metrics(out, "step")]
     assert rows(part) == rows(whole) and rows(whole)[2][2:] == (True, 1, 32768.0)
-    assert all(torch.equal(v, adapter(whole)[k]) for k, v in adapter(part).items())
+    for name in ("adapter.safetensors", checkpoint.LAST_ADAPTER):
+        assert same_tensors(adapter(part, name), adapter(whole, name))
     mine, theirs = (torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
                     for out in (part, whole))
     assert mine["scaler"] == theirs["scaler"]
@@ -210,7 +214,7 @@ def test_float16_resume_restores_the_loss_scale_bit_for_bit(setup, tmp_path, mon
 @on_devices
 def test_a_float16_run_trains_on_every_device(setup, tmp_path, device):
     """The float16 path (base in float16, loss scaling) on each device this machine has; on a
-    GPU, scripts/gpu_check.sh runs it there. The validation loss must fall."""
+    GPU, gpu_check/run.sh runs it there. The validation loss must fall."""
     out = tmp_path / "out"
     argv = train_args(*setup, out, "--dtype", "float16", "--device", device, "--epochs", 2)
     assert train.main(argv) == 0

@@ -1,9 +1,10 @@
 """Every hand-written piece in float16 and bfloat16, on every device, against the float32 formula.
 
-The pieces: kernels.py's Functions (RMSNorm, SwiGLU, causal attention, one-query attention, the
-chunked lm_head + cross-entropy with and without LoRA), the KV cache that generate.generate runs
-on, and lora.merge_lora. The oracle is llama.py's plain formula (or F.cross_entropy) in float32,
-run on the same half-precision inputs made float32, so that only the arithmetic differs.
+The pieces: speed/kernels.py's Functions (RMSNorm, SwiGLU, causal attention, one-query attention,
+the chunked lm_head + cross-entropy with and without LoRA), the KV cache that llama.generate and
+the speed chapter's packed generation run on (on either attention path), and lora.merge_lora.
+The oracle is llama.py's plain formula (or F.cross_entropy) in float32, run on the same
+half-precision inputs made float32, so that only the arithmetic differs.
 
 How close is close. A half dtype keeps a relative precision of eps (2**-10 for float16, 2**-7
 for bf16), and rounding to nearest errs by at most eps / 2. Each piece rounds its result to the
@@ -20,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generate
-import kernels
 import llama
 import lora
 from devices import HALF, assert_close_normwise, eps, on_devices
+from speed import kernels
+from speed.generate import generate_packed
 from tiny_run import one_torch_thread
 
 PIECE = 4  # in eps, see above
@@ -156,10 +157,11 @@ def test_chunked_loss_in_half_precision_is_the_float32_cross_entropy(device, dty
 
 # ----------------------------------------------------------------------------- the whole model
 
-def tiny_models(device, dtype, kernels_on):
+def tiny_models(device, dtype, path="plain"):
     """(half, float32): a tiny Llama with LoRA (random B, so the adapter matters), stored as
     training stores it in dtype (the frozen base in dtype, A and B float32), and its float32
-    twin holding the same values."""
+    twin holding the same values. path: "plain" (llama.py as written, SDPA), "written"
+    (--attention written: llama.attention()) or "kernels" (speed/kernels.py)."""
     torch.manual_seed(0)
     config = llama.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -175,8 +177,10 @@ def tiny_models(device, dtype, kernels_on):
         if id(p) not in trained:  # the frozen base in dtype, A and B float32
             p.data = p.data.to(dtype)
     as_float = copy.deepcopy(half).float()  # the same (rounded) values, in float32
-    if kernels_on:
+    if path == "kernels":
         kernels.use(half)
+    elif path == "written":
+        half.set_attention("written")
     return half.eval(), as_float.eval()
 
 
@@ -185,14 +189,16 @@ PROMPTS = [[3, 5, 7, 9, 11], [4, 8, 15, 16, 23, 42, 1]]
 
 @on_devices
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("kernels_on", [False, True], ids=["plain", "kernels"])
-def test_kv_cache_in_half_precision_gives_the_float32_full_forward(device, dtype, kernels_on):
+@pytest.mark.parametrize("path", ["plain", "written", "kernels"])
+def test_kv_cache_in_half_precision_gives_the_float32_full_forward(device, dtype, path):
     """Logits read a token at a time through the KV cache against the float32 model reading the
-    whole sequence at once, and generate.generate's greedy tokens against the float32 argmax: a
-    token may differ only where the float32 logits tie to within the tolerance."""
-    half, as_float = tiny_models(device, dtype, kernels_on)
+    whole sequence at once, and the greedy tokens of llama.generate (plain, written) or of the
+    packed generation (kernels, as sample.py --kernels runs) against the float32 argmax: a token
+    may differ only where the float32 logits tie to within the tolerance."""
+    half, as_float = tiny_models(device, dtype, path)
+    generate = generate_packed if path == "kernels" else llama.generate
     with torch.autocast(device, dtype):
-        new = generate.generate(half, PROMPTS, 6, eos_ids=[])
+        new = generate(half, PROMPTS, 6, eos_ids=[])
     for prompt, tokens in zip(PROMPTS, new):
         sequence = torch.tensor([prompt + tokens], device=device)
         cache = llama.KVCache(half.config, sequence.shape[1])
@@ -217,7 +223,7 @@ def test_merge_in_half_precision_rounds_w_plus_alpha_b_a_once(device, dtype):
     subnormal step near 0), plus float32's own rounding of the sum (a few 2**-24 of its terms'
     size), which can tip a value that sits on a rounding midpoint. The merged model then gives
     the float32 model's logits."""
-    half, as_float = tiny_models(device, dtype, kernels_on=False)
+    half, as_float = tiny_models(device, dtype)
     exact, terms = {}, {}
     for name, m in lora.lora_modules(half).items():
         W, A, B = m.original_module.weight.double(), m.A.double(), m.B.double()

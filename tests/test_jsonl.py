@@ -67,11 +67,49 @@ def test_line_nested_too_deep_to_parse_is_reported_as_not_json(tmp_path):
         read_quotes(str(path))
 
 
+ONE_ROW = '{"quote": "Be yourself.", "tags": ["honesty", "life"]}'
+
+
 def test_json_array_file_says_jsonl_is_expected(tmp_path):
     path = tmp_path / "q.json"
-    path.write_text(json.dumps([good_row(), good_row()], indent=2))
-    with pytest.raises(ValueError, match=r"JSON array; expected JSONL \(one JSON object per line\)"):
+    for text in [json.dumps([good_row(), good_row()], indent=2), json.dumps([good_row()])]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as error:
+            read_quotes(str(path))
+        assert str(error.value) == (f"{path}: is a JSON array; expected a JSONL file, one object "
+                                    f"a line like {ONE_ROW}")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('quote,author,tags\n"Be yourself.",Oscar Wilde,"honesty,life"\n',
+     "Expecting value at column 1"),
+    ("quote\tauthor\ttags\nBe yourself.\tOscar Wilde\thonesty\n", "Expecting value at column 1"),
+    ('"quote","author","tags"\n"Be yourself.","Oscar Wilde","honesty, life"\n',
+     "Extra data at column 8"),
+    ('{\n  "quote": "Be yourself.",\n  "tags": ["life"]\n}\n',
+     "Expecting property name enclosed in double quotes at column 2"),
+], ids=["csv", "tsv", "csv_quoted_header", "one_pretty_object"])
+def test_a_file_in_another_shape_says_what_shape_is_expected_in_one_line(tmp_path, text, reason):
+    """Issue 18, item 5: a CSV or a pretty-printed JSON passed as --data. Its first line is not
+    JSON: the message names the line, the expected format and one row of it, which must itself be
+    a row read_quotes keeps (the oracle: read back)."""
+    path = tmp_path / "q.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
         read_quotes(str(path))
+    assert str(error.value) == (f"{path}:1: not valid JSON ({reason}); expected a JSONL file, "
+                                f"one object a line like {ONE_ROW}")
+    path.write_text(ONE_ROW + "\n")
+    assert read_quotes(str(path)) == ([("Be yourself.", ["honesty", "life"])], {})
+
+
+def test_a_bad_line_after_good_ones_names_its_line_without_the_format(tmp_path):
+    """The file is JSONL, one line is broken: the line and the reason, not a lesson on JSONL."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good_row()) + "\nquote,author,tags\n")
+    with pytest.raises(ValueError) as error:
+        read_quotes(str(path))
+    assert str(error.value) == f"{path}:2: not valid JSON (Expecting value at column 1)"
 
 
 def test_unusable_rows_are_skipped_and_counted_in_one_line(tmp_path):

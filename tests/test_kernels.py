@@ -1,4 +1,5 @@
-"""kernels.py, the speed chapter, against llama.py's plain formulas.
+"""speed/kernels.py, the speed chapter's hand-written backward passes, against llama.py's plain
+formulas.
 
 Oracles: torch.autograd.gradcheck (finite differences in float64) for each hand-written backward,
 and autograd differentiating llama.py's formulas (RMSNorm, SwiGLU, attention(), lm_head and
@@ -11,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 import llama
 import lora
+from speed import kernels
 
 
 def rand(*shape, seed=0, dtype=torch.float64):

@@ -1,13 +1,20 @@
-"""llama.py against the oracle, transformers' LlamaForCausalLM, on tiny random folders and real ones.
+"""llama.py against the oracle, transformers' LlamaForCausalLM, on tiny random folders and real
+ones: the logits on either attention path (PyTorch's fused SDPA, the default, and attention()
+written out, --attention written), the KV cache, and llama.generate's tokens.
 
-Loading a folder (shards, configs, stored heads) and its errors: test_loading.py.
+Loading a folder (shards, configs, stored heads) and its errors: test_loading.py. The sampling
+rules (sample.py's) against transformers' warpers: test_sample.py.
 """
+import copy
+import json
+
 import pytest
 import torch
 
+import llama
 import tiny
-from generate import generate, sample_next
-from llama import KVCache, Llama
+from llama import KVCache, Llama, generate
+from sample import sampler
 from tiny_run import tokens
 
 CONFIGS = {"llama3_gqa_tied": tiny.LLAMA3_GQA_TIED, "plain_mha_untied": tiny.PLAIN_MHA_UNTIED}
@@ -29,7 +36,7 @@ def test_logits_match_transformers(pair):
     with torch.no_grad():
         ours_logits, hf_logits = ours(x), hf(x).logits
     assert ours_logits.shape == (2, 37, ours.config.vocab_size)
-    assert hf_logits.abs().max() > 1.0  # the weights are large enough for the comparison to mean something
+    assert hf_logits.abs().max() > 1.0  # weights large enough for the comparison to mean something
     torch.testing.assert_close(ours_logits, hf_logits, atol=1e-4, rtol=0)
 
 
@@ -56,7 +63,8 @@ def test_cache_prefill_in_two_chunks_matches_full(pair):
 def test_greedy_generate_matches_transformers(pair):
     _, ours, hf = pair
     prompt = tokens(ours.config.vocab_size, (1, 6), seed=3)
-    theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
     mine = generate(ours, [prompt[0].tolist()], max_new_tokens=24, eos_ids=[])
     assert len(set(mine[0])) > 1  # not a degenerate repetition
     assert mine[0] == theirs[0, 6:].tolist()
@@ -74,7 +82,8 @@ def test_generate_stops_at_any_eos(pair):
     prompt = tokens(ours.config.vocab_size, (5,), seed=4).tolist()
     free = generate(ours, [prompt], max_new_tokens=12, eos_ids=[])[0]
     stop = free[4]
-    assert generate(ours, [prompt], max_new_tokens=12, eos_ids=[99999, stop])[0] == free[:free.index(stop)]
+    stopped = generate(ours, [prompt], max_new_tokens=12, eos_ids=[99999, stop])[0]
+    assert stopped == free[:free.index(stop)]
 
 
 def test_logits_at_selects_positions(pair):
@@ -86,7 +95,7 @@ def test_logits_at_selects_positions(pair):
         torch.testing.assert_close(ours(x, logits_at=where), ours(x)[where], atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------- attention written out
+# ----------------------------------------------------------------------------- written attention
 
 @pytest.mark.parametrize("heads,kv_heads,T,S", [(6, 2, 9, 9), (4, 4, 5, 5), (6, 3, 4, 10)])
 def test_written_out_attention_equals_sdpa(heads, kv_heads, T, S):
@@ -106,45 +115,138 @@ def test_written_out_attention_equals_sdpa(heads, kv_heads, T, S):
     torch.testing.assert_close(attention(q, k, v, padded), sdpa, atol=1e-12, rtol=0)
 
 
+def written(model, monkeypatch):
+    """A copy of model on --attention written, and the list that counts its calls of
+    llama.attention(): a path that never reached the formula would compare SDPA with itself."""
+    calls, formula = [], llama.attention
+    monkeypatch.setattr(llama, "attention", lambda *a: calls.append(1) or formula(*a))
+    model = copy.deepcopy(model)  # the module's pair stays on sdpa; the tie survives deepcopy
+    model.set_attention("written")
+    return model, calls
+
+
 def test_model_on_the_written_out_attention_matches_transformers(pair, monkeypatch):
-    """The formula a reader checks line by line is the model: with attention() in place of SDPA
-    the logits are still transformers' ones."""
-    import llama
+    """The formula a reader checks line by line is the model: Llama.set_attention("written")
+    (--attention written) runs attention() in every layer, and the logits are transformers'
+    ones, and the SDPA path's."""
     _, ours, hf = pair
-    monkeypatch.setattr(llama.Attention, "attend",
-                        lambda self, q, k, v, mask: llama.attention(q, k, v, mask))
+    mine, calls = written(ours, monkeypatch)
     x = tokens(ours.config.vocab_size, (2, 13), seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+        logits, expected = mine(x), hf(x).logits
+        assert len(calls) == ours.config.num_hidden_layers  # once a layer, nothing else
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, ours(x), atol=1e-5, rtol=0)  # sdpa, the default
+    assert {layer.self_attn.kind for layer in ours.model.layers} == {"sdpa"}
+    assert {layer.self_attn.kind for layer in mine.model.layers} == {"written"}
+
+
+def test_written_out_attention_through_the_cache_gives_the_full_forward(pair, monkeypatch):
+    """The cached paths of attention(): a prefill of 8 positions, a chunk of 5 over the cache
+    (queries that see the cache and their own past), then a token at a time. Oracle:
+    transformers' logits of the whole sequence at once."""
+    _, ours, hf = pair
+    mine, calls = written(ours, monkeypatch)
+    x = tokens(ours.config.vocab_size, (2, 20), seed=7)
+    with torch.no_grad():
+        cache = KVCache(ours.config, max_len=20)
+        steps = [mine(x[:, :8], cache=cache), mine(x[:, 8:13], cache=cache)]
+        steps += [mine(x[:, t:t + 1], cache=cache) for t in range(13, 20)]
+        expected = hf(x).logits
+    assert len(calls) == 9 * ours.config.num_hidden_layers
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_generate_on_the_written_out_attention_gives_the_sdpa_tokens(pair, monkeypatch):
+    """Left-padded prompts of different lengths (the padding mask of llama.generate), greedy,
+    no eos: the same tokens on either path."""
+    _, ours, _ = pair
+    mine, calls = written(ours, monkeypatch)
+    prompts = [tokens(ours.config.vocab_size, (n,), seed=n).tolist() for n in (3, 11, 6)]
+    expected = generate(ours, prompts, max_new_tokens=10, eos_ids=[])
+    assert generate(mine, prompts, max_new_tokens=10, eos_ids=[]) == expected
+    assert len(calls) == 10 * ours.config.num_hidden_layers  # the prefill and 9 steps
+
+
+def test_set_attention_refuses_an_unknown_kind(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'written', got 'flash'"):
+        ours.set_attention("flash")
+    assert {layer.self_attn.kind for layer in ours.model.layers} == {"sdpa"}
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def test_sampling_filters_by_hand():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    assert sample_next(logits).tolist() == [1]
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert draws == {1, 3}  # the two largest logits only
-    # softmax([3, 2, 1, 0]) = 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps the first two (0.64 < 0.8 <= 0.88)
-    draws = {sample_next(logits, temperature=1.0, top_p=0.8, generator=g).item() for _ in range(200)}
-    assert draws == {1, 3}
-    draws = {sample_next(logits, temperature=1.0, top_p=0.5, generator=g).item() for _ in range(50)}
-    assert draws == {1}
-
-
 def test_seeded_sampling_is_reproducible(pair):
+    """llama.generate with sample.py's sampler (pick): one seed, one completion."""
     _, ours, _ = pair
     prompt = tokens(ours.config.vocab_size, (4,), seed=6).tolist()
-    run = lambda: generate(ours, [prompt], 10, temperature=1.0, top_p=0.9, eos_ids=[],
-                           generator=torch.Generator().manual_seed(7))
-    assert run() == run()
+    run = lambda seed: generate(ours, [prompt], 10, eos_ids=[], pick=sampler(
+        1.0, top_p=0.9, generator=torch.Generator().manual_seed(seed)))
+    assert run(7) == run(7)
+    assert run(7) != run(8)  # the seed is used: another one draws other tokens
 
 
 def test_tied_lm_head_shares_the_embedding(pair):
     _, ours, _ = pair
     tied = ours.lm_head.weight is ours.model.embed_tokens.weight
     assert tied == ours.config.tie_word_embeddings
+
+
+# ----------------------------------------------------------------------------- config.json's fields
+
+def edit_config(folder, **changes):
+    """Rewrite the folder's config.json with changes (None: the key left out)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value is None else config.update({key: value})
+    path.write_text(json.dumps(config, indent=2))
+    return config
+
+
+def test_an_activation_other_than_silu_is_refused_in_one_line_naming_hidden_act(tmp_path,
+                                                                                capsys):
+    """Issue 18, item 9: a config.json with hidden_act "gelu" (transformers would run gelu in its
+    MLP; llama.py computes silu, whatever the file says) is refused, not run wrong."""
+    import sample
+    folder = tiny.write_tiny_model(tmp_path / "gelu", {**tiny.PLAIN_MHA_UNTIED,
+                                                       "hidden_act": "gelu"})
+    assert json.loads((folder / "config.json").read_text())["hidden_act"] == "gelu"
+    capsys.readouterr()  # transformers' lines while it wrote the folder
+    message = (f"{folder / 'config.json'}: hidden_act 'gelu' is not supported (llama.py's MLP "
+               "computes silu, as Llama-3.2)")
+    with pytest.raises(ValueError) as e:
+        Llama.from_pretrained(folder)
+    assert str(e.value) == message
+    assert sample.main(["--model", str(folder), "--no-adapter", "--device", "cpu", "--dtype",
+                        "float32", "x | tags:"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"sample.py: error: {message}\n")
+
+
+def test_a_config_without_rms_norm_eps_gives_transformers_logits(tmp_path):
+    """Issue 18, item 9: transformers' LlamaConfig defaults rms_norm_eps to 1e-6 where
+    config.json leaves it out, and so must we. The embeddings are scaled down to mean squares
+    near 1e-8, where eps decides most of the first norm: with the old default, 1e-5, the logits
+    are far off (checked, so that the comparison can fail)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+    folder = tiny.write_tiny_model(tmp_path / "no_eps", tiny.PLAIN_MHA_UNTIED)  # lm_head untied
+    state = load_file(folder / "model.safetensors")
+    state["model.embed_tokens.weight"] *= 1e-3
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    assert "rms_norm_eps" not in edit_config(folder, rms_norm_eps=None)
+    ours, hf = Llama.from_pretrained(folder), LlamaForCausalLM.from_pretrained(folder).eval()
+    x = tokens(ours.config.vocab_size, (2, 11), seed=8)
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        for m in ours.modules():
+            if isinstance(m, llama.RMSNorm):
+                m.eps = 1e-5
+        assert (ours(x) - expected).abs().max() > 100 * 1e-4  # the file's eps matters here
 
 
 # ----------------------------------------------------------------------------- the real folders

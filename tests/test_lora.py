@@ -1,19 +1,22 @@
-"""lora.py: the LoraModule, putting it into a model, and merging.
+"""lora.py: the LoraModule, putting it into a model, and merging; lora.py run as a command.
 (Adapter files: test_adapter_files.py.)
 
 Oracles: the LoRA formula W x + alpha * B A x computed by hand, the base model's own logits (an
 adapter that adds nothing must change nothing), and parameter counts from the config by hand.
 """
 import copy
+import re
 
 import pytest
 import torch
 import torch.nn as nn
 
+import lora
 from llama import Llama
 from lora import (LoraModule, add_lora, count_parameters, lora_modules, lora_parameters,
                   lora_state_dict, merge_lora, set_alpha)
 from tiny import LLAMA3_GQA_TIED, TOKENS, randomize_b
+from tiny_run import run_script
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,10 +62,22 @@ def test_lora_module_freezes_original_parameters():
     assert all(p.grad is not None for p in m.lora_module.parameters())
 
 
-def test_zero_init_makes_b_zero_and_seed_init_keeps_it_random():
+def test_zero_init_makes_b_zero_and_random_init_keeps_it_random():
     torch.manual_seed(0)
     assert LoraModule(nn.Linear(8, 8), init="zero").B.abs().max() == 0
-    assert LoraModule(nn.Linear(8, 8), init="seed").B.abs().min() > 0
+    assert LoraModule(nn.Linear(8, 8), init="random").B.abs().min() > 0
+
+
+def test_seed_the_old_name_of_random_init_is_read_as_random():
+    """Adapters and run.json files written before 2026-12 say init "seed": the same init. Oracle:
+    the same RNG state gives the same A and B under both names."""
+    modules = []
+    for init in ("seed", "random"):
+        torch.manual_seed(0)
+        modules.append(LoraModule(nn.Linear(8, 8), init=init))
+    assert [m.init for m in modules] == ["random", "random"]
+    assert torch.equal(modules[0].A, modules[1].A) and torch.equal(modules[0].B, modules[1].B)
+    assert lora.check_init("seed") == "random" and lora.INITS == ("random", "zero")
 
 
 def test_lora_weights_are_float32_on_a_bf16_base_and_bf16_input_works():
@@ -136,9 +151,9 @@ def test_zero_init_leaves_the_model_logits_unchanged(tied, base_models):
     assert torch.equal(tied(TOKENS), base_models["tied"](TOKENS))
 
 
-def test_seed_init_changes_the_model_logits(tied, base_models):
+def test_random_init_changes_the_model_logits(tied, base_models):
     torch.manual_seed(0)
-    add_lora(tied, r=4, alpha=1.0, init="seed")
+    add_lora(tied, r=4, alpha=1.0, init="random")
     assert (tied(TOKENS) - base_models["tied"](TOKENS)).abs().max() > 1e-3
 
 
@@ -154,7 +169,7 @@ def test_only_lora_parameters_get_gradients(tied):
 
 
 def test_set_alpha_reaches_every_module_and_zero_gives_the_base_logits(tied, base_models):
-    add_lora(tied, r=4, alpha=1.0, init="seed")
+    add_lora(tied, r=4, alpha=1.0, init="random")
     set_alpha(tied, 0)
     assert {m.alpha for m in lora_modules(tied).values()} == {0.0}
     assert torch.equal(tied(TOKENS), base_models["tied"](TOKENS))
@@ -270,3 +285,16 @@ def test_lora_on_every_linear_of_llama_3_2_1b_trains_6_7_million_parameters(llam
     add_lora(model, r=8)
     per_layer = 8 * (2 * 4096 + 2 * 2560 + 3 * 10240)
     assert count_parameters(model) == (16 * per_layer + 8 * (2048 + 128256), base + 6_678_528)
+
+
+# ----------------------------------------------------------------------------- lora.py as a command
+
+def test_lora_py_is_no_command_and_names_where_its_tools_went():
+    """`lora.py export` and `lora.py inspect` are gone: it says where they are, exit non-zero.
+    Oracle: the formats `python -m export --help` accepts, which the line must not exceed."""
+    done = run_script(["lora.py", "export", "--adapter", "out"])
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "python -m export --adapter" in done.stderr and "python -m anatomy" in done.stderr
+    named = re.search(r"--format (\S+)", done.stderr).group(1).split("|")
+    choices = re.search(r"--format \{([a-z,-]+)\}", run_script(["-m", "export", "--help"]).stdout)
+    assert set(named) <= set(choices.group(1).split(",")), named

@@ -1,33 +1,30 @@
-"""scripts/matmul_speed.py (gpu_check.sh's matmul peak) and parity.py: their flags.
+"""python -m bench.matmul_speed (gpu_check/run.sh's matmul peak) and python -m gpu_check.parity:
+their flags.
 
 Oracles: the dtype names torch has (a typo is refused in one line before any product runs), and
 common.pick_device's choice for --device auto (the default, as in every other script).
 """
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from bench import matmul_speed
+from gpu_check import parity
 from tiny_run import ROOT
-
-SCRIPT = ROOT / "scripts" / "matmul_speed.py"
-spec = importlib.util.spec_from_file_location("matmul_speed", SCRIPT)
-matmul_speed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(matmul_speed)  # scripts/ is no package: loaded from its path
 
 
 @pytest.mark.parametrize("dtypes, bad", [("bf16", "bf16"), ("float32,fp16", "fp16"),
                                          ("float32,", "")])
 def test_an_unknown_dtype_is_refused_in_one_line_naming_the_flag(dtypes, bad):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", dtypes], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "bench.matmul_speed", "--dtypes", dtypes],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""  # refused before the first product
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == (
-        f"matmul_speed.py: error: argument --dtypes: {dtypes!r}: unknown dtype {bad!r}, "
-        "expected a comma list of float32, bfloat16, float16")
+        f"python -m bench.matmul_speed: error: argument --dtypes: {dtypes!r}: unknown dtype "
+        f"{bad!r}, expected a comma list of float32, bfloat16, float16")
 
 
 def test_every_name_it_accepts_is_a_torch_dtype():
@@ -60,16 +57,16 @@ def test_an_unknown_device_is_refused_in_one_line(capsys):
         matmul_speed.main(["--device", "gpu"])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "matmul_speed.py: error: --device gpu: expected auto, cuda, cuda:N, mps or cpu")
+        "python -m bench.matmul_speed: error: --device gpu: expected auto, cuda, cuda:N, mps "
+        "or cpu")
 
 
 def test_parity_refuses_an_unknown_device_in_one_line(capsys):
-    """scripts/parity.py, gpu_check.sh's other script, answers a bad --device the same way."""
-    spec = importlib.util.spec_from_file_location("parity", ROOT / "scripts" / "parity.py")
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
+    """python -m gpu_check.parity, gpu_check/run.sh's other command, answers a bad --device the
+    same way, before any model loads."""
     with pytest.raises(SystemExit) as e:
         parity.main(["--model", "m", "--data", "d", "--device", "gpu"])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "parity.py: error: --device gpu: expected auto, cuda, cuda:N, mps or cpu")
+        "python -m gpu_check.parity: error: --device gpu: expected auto, cuda, cuda:N, mps or "
+        "cpu")

@@ -1,8 +1,8 @@
-"""export.py's exports against the ecosystem's own readers, the oracles here.
+"""export/peft.py's PEFT export against the ecosystem's own reader, the oracle here.
 
 A tiny random Llama is trained for a few AdamW steps with our LoRA, then exported; the real `peft`
-(PeftModel over transformers' LlamaForCausalLM) and plain `transformers` must reproduce our logits.
-Adapters written by peft itself, read into our model: test_peft_import.py.
+(PeftModel over transformers' LlamaForCausalLM) must reproduce our logits. Adapters written by peft
+itself, read into our model: test_peft_import.py; the merged export: test_merged.py.
 """
 import copy
 import json
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import export
+from export import peft as peft_format
+from export.peft import export_peft, import_peft
 from llama import Llama
-from export import export_merged, export_peft, import_peft, save_adapter
-from lora import add_lora, lora_modules, lora_parameters
+from lora import add_lora, lora_modules, lora_parameters, save_adapter
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
 from tiny_run import TIED_WARNING, TOKENS, hf_logits
 
@@ -104,40 +104,8 @@ def test_a_peft_export_imported_back_gives_our_logits(trained, tmp_path):
         torch.testing.assert_close(fresh(TOKENS), ours, rtol=0, atol=1e-6)
 
 
-def test_transformers_reads_the_merged_folder_and_gives_our_logits(trained, tmp_path):
-    folder, model, ours, _ = trained
-    export_merged(model, tmp_path / "merged")
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
-    assert lora_modules(model)  # exporting left our model as it was
-
-
-def test_merged_folder_has_the_base_files_and_unties_a_merged_lm_head(trained, tmp_path):
-    folder, model, _, _ = trained
-    export_merged(model, tmp_path / "merged")
-    out = tmp_path / "merged"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (out / name).read_bytes() == (folder / name).read_bytes()
-    config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False  # tied base + LoRA on lm_head, or an untied base
-    assert config["dtype"] == "float32"
-
-
-def test_merged_export_keeps_a_tied_lm_head_without_lora_tied(tmp_path):
-    folder = write_tiny_model(tmp_path / "base", LLAMA3_GQA_TIED)
-    model = Llama.from_pretrained(folder)
-    add_lora(model, r=2, targets=["q_proj"])
-    with torch.no_grad():
-        ours = model(TOKENS)
-    export_merged(model, tmp_path / "merged")
-    config = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
-
-
-# A value that is not plain LoRA for every option of export.PEFT_PLAIN, as peft writes it.
+# A value that is not plain LoRA for every option of export/peft.py's PEFT_PLAIN, as peft
+# writes it.
 NOT_PLAIN = {
     "use_dora": True, "use_rslora": True, "bias": "lora_only", "lora_bias": True,
     "fan_in_fan_out": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 2},
@@ -147,12 +115,12 @@ NOT_PLAIN = {
     "megatron_config": {"tensor_model_parallel_size": 2}, "velora_config": {"num_groups": 4},
     "monteclora_config": {"beta": 0.1}, "use_bdlora": {"target_modules_bd_a": ["q_proj"]},
     "arrow_config": {"top_k": 2}, "kasa_config": {"r": 4}, "ensure_weight_tying": True,
-    "future_option": 3,  # not known to export.py: a newer peft's option
+    "future_option": 3,  # not known to export/peft.py: a newer peft's option
 }
 
 
 def test_every_plain_lora_option_has_a_refusal_test():
-    assert set(NOT_PLAIN) - {"future_option"} == set(export.PEFT_PLAIN)
+    assert set(NOT_PLAIN) - {"future_option"} == set(peft_format.PEFT_PLAIN)
 
 
 @pytest.mark.parametrize("option, value", list(NOT_PLAIN.items()))
@@ -193,24 +161,14 @@ def test_export_refuses_a_non_empty_out_dir(trained, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "lora.py", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.parametrize("trained", ["tied_all_linear"], indirect=True)
-def test_cli_merged_export_end_to_end(trained, tmp_path):
-    folder, model, ours, adapter = trained
-    result = run_cli("export", "--adapter", adapter.parent, "--format", "merged",
-                     "--out", tmp_path / "m")
-    assert result.returncode == 0, result.stderr
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("trained", ["untied_qv"], indirect=True)
 def test_cli_peft_export_with_model_override(trained, tmp_path):
     _, _, _, adapter = trained
-    result = run_cli("export", "--adapter", adapter, "--format", "peft", "--out", tmp_path / "p",
+    result = run_cli("--adapter", adapter, "--format", "peft", "--out", tmp_path / "p",
                      "--model", "meta-llama/Llama-3.2-1B-Instruct")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
@@ -218,9 +176,9 @@ def test_cli_peft_export_with_model_override(trained, tmp_path):
 
 
 def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
-    result = run_cli("export", "--adapter", tmp_path / "missing", "--format", "peft",
+    result = run_cli("--adapter", tmp_path / "missing", "--format", "peft",
                      "--out", tmp_path / "p")
     assert result.returncode == 2
-    message = f"lora.py: error: {tmp_path / 'missing'}: no such adapter file or folder"
+    message = f"python -m export: error: {tmp_path / 'missing'}: no such adapter file or folder"
     assert result.stderr.splitlines() == [message]
     assert not (tmp_path / "p").exists()

@@ -1,4 +1,5 @@
-"""export.py's import_peft / load_adapter: adapters written by peft itself, read into our model.
+"""export/peft.py's read_peft through lora.load_adapter: adapters written by peft itself, read into
+our model.
 
 peft (over transformers' LlamaForCausalLM) makes an adapter on a tiny random Llama with each of its
 init_lora_weights choices, on all layers or some, on the lm_head too; loaded into our model it must
@@ -15,8 +16,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import export
-from export import load_adapter
+from export import peft as peft_format
+from export.peft import import_peft
 from llama import Llama
 from lora import lora_modules
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
@@ -35,7 +36,7 @@ def test_an_adapter_made_by_peft_gives_peft_logits_in_our_model(tmp_path):
     base = Llama.from_pretrained(folder)
     with torch.no_grad():
         base_logits = base(TOKENS)
-    meta = load_adapter(base, tmp_path / "peft")
+    meta = import_peft(base, tmp_path / "peft")
     assert meta["alpha"] == 2.0 and meta["targets"] == sorted(config.target_modules)
     with torch.no_grad():
         ours = base(TOKENS)
@@ -46,9 +47,10 @@ def test_an_adapter_made_by_peft_gives_peft_logits_in_our_model(tmp_path):
 # ----------------------------------------------------------------------------- every PEFT option
 
 def test_every_lora_config_field_is_read_harmless_or_refused():
-    """A field a newer peft adds fails here until export.py says what it does to the arithmetic."""
+    """A field a newer peft adds fails here until export/peft.py says what it does to the
+    arithmetic."""
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}  # PeftConfig's fields too
-    tables = [export.PEFT_READ, export.PEFT_HARMLESS, set(export.PEFT_PLAIN)]
+    tables = [peft_format.PEFT_READ, peft_format.PEFT_HARMLESS, set(peft_format.PEFT_PLAIN)]
     assert fields - set.union(*tables) == set()
     assert sum(map(len, tables)) == len(set.union(*tables))  # each option in one table only
 
@@ -88,7 +90,7 @@ def test_peft_adapters_with_a_plain_init_give_peft_logits(untied_base, init, tmp
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
         "init_lora_weights"] == init
     ours = Llama.from_pretrained(untied_base)
-    load_adapter(ours, tmp_path / "peft")
+    import_peft(ours, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), hf_logits(peft_model), rtol=0, atol=1e-4)
 
@@ -112,7 +114,7 @@ def test_peft_adapters_made_on_a_rewritten_base_are_refused_by_name(untied_base,
     assert json.loads((peft_dir / "adapter_config.json").read_text())["init_lora_weights"] == init
     ours = Llama.from_pretrained(untied_base)
     with pytest.raises(ValueError) as refused:
-        load_adapter(ours, peft_dir)
+        import_peft(ours, peft_dir)
     message = (f"{peft_dir}: PEFT option init_lora_weights={init!r} is not supported "
                "(PEFT rewrote the base's weights for it; plain LoRA only)")
     assert str(refused.value) == message
@@ -137,7 +139,7 @@ def test_a_pissa_adapter_converted_by_peft_gives_the_pissa_logits(untied_base, t
     pissa.save_pretrained(tmp_path / "plain",
                           path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     ours = Llama.from_pretrained(untied_base)  # the plain base, not PiSSA's residual
-    meta = load_adapter(ours, tmp_path / "plain")
+    meta = import_peft(ours, tmp_path / "plain")
     assert meta["r"] == 8
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), hf_logits(pissa), rtol=0, atol=1e-4)
@@ -148,14 +150,14 @@ def test_an_unknown_init_lora_weights_is_refused_by_name(untied_base, tmp_path):
     edit_config(tmp_path / "peft", init_lora_weights="some_new_init")
     with pytest.raises(ValueError, match=r"init_lora_weights='some_new_init' is not supported "
                                          r"\(plain LoRA only\)$"):
-        load_adapter(Llama.from_pretrained(untied_base), tmp_path / "peft")
+        import_peft(Llama.from_pretrained(untied_base), tmp_path / "peft")
 
 
 def test_an_unknown_option_left_empty_is_accepted(untied_base, tmp_path):
     peft_model = make_peft_adapter(untied_base, tmp_path / "peft")
     edit_config(tmp_path / "peft", future_option=None)
     ours = Llama.from_pretrained(untied_base)
-    load_adapter(ours, tmp_path / "peft")
+    import_peft(ours, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), hf_logits(peft_model), rtol=0, atol=1e-4)
 
@@ -166,7 +168,7 @@ def test_peft_adapters_on_some_layers_give_peft_logits(untied_base, layers, tmp_
     peft_model = make_peft_adapter(untied_base, tmp_path / "peft", layers_to_transform=layers,
                                    layers_pattern="layers")
     ours = Llama.from_pretrained(untied_base)
-    load_adapter(ours, tmp_path / "peft")
+    import_peft(ours, tmp_path / "peft")
     assert sorted(lora_modules(ours)) == sorted(
         f"model.layers.{i}.{m}" for i in ([layers] if isinstance(layers, int) else layers)
         for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
@@ -188,7 +190,7 @@ def test_a_peft_adapter_on_lm_head_gives_peft_logits(config, tmp_path):
                                    target_modules=["q_proj", "lm_head"])
     assert BASE_HEAD in load_file(tmp_path / "peft" / "adapter_model.safetensors")
     ours = Llama.from_pretrained(folder)
-    meta = load_adapter(ours, tmp_path / "peft")
+    meta = import_peft(ours, tmp_path / "peft")
     assert meta["targets"] == ["lm_head", "q_proj"] and "lm_head" in lora_modules(ours)
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), hf_logits(peft_model), rtol=0, atol=1e-4)
@@ -208,7 +210,7 @@ def test_a_peft_adapter_whose_stored_head_differs_is_refused_by_name(config, tmp
     save_file(tensors, file, metadata={"format": "pt"})
     ours = Llama.from_pretrained(folder)
     with pytest.raises(ValueError) as refused:
-        load_adapter(ours, tmp_path / "peft")
+        import_peft(ours, tmp_path / "peft")
     assert str(refused.value) == (f"adapter holds {BASE_HEAD}, which differs from this model's "
                                   "lm_head.weight: the adapter was made on another base")
     assert not lora_modules(ours)  # refused before touching the model

@@ -1,24 +1,24 @@
 """sample.py end to end: train.py trains a tiny random Llama, sample.py writes tags with its
-adapter. Then sample.py's two generation loops, the plain one and the packed one, side by side.
+adapter, on the default path and with --kernels or --attention written.
 
 Oracle: greedy decoding by hand, one prompt at a time, recomputing the whole sequence for every
 new token (no KV cache, no batching, no padding): the argmax of the last position's logits. The
-oracle keeps the adapter apart (W x + alpha B A x); sample.py merges it into W first.
+oracle keeps the adapter apart (W x + alpha B A x); sample.py merges it into W first. The two
+generation loops and the sampling rules on their own: test_generate.py.
 """
 import json
-import math
 import re
 import shutil
 
 import pytest
 import torch
 
-import export
-import generate
 import lora
 import sample
 from data import QuoteTokenizer, prompt_text
 from llama import DEFAULT_MODEL, Llama
+from speed import generate as packed
+from speed import kernels
 from tiny_run import (PAIRS, hashes, one_torch_thread, run_script, tiny_model, train_args,
                       write_quotes)
 
@@ -52,7 +52,7 @@ def by_hand(trained):
     model_dir, out = trained
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     base, adapted = Llama.from_pretrained(model_dir), Llama.from_pretrained(model_dir)
-    export.load_adapter(adapted, out)
+    lora.load_adapter(adapted, out)
 
     return {"adapter": [greedy(adapted, tokenizer, p) for p in PROMPTS],
             "base": [greedy(base, tokenizer, p) for p in PROMPTS]}
@@ -135,69 +135,94 @@ def test_an_adapter_of_a_base_by_another_name_warns_in_one_line(trained, by_hand
     model_dir, out = trained
     copy = shutil.copytree(model_dir, tmp_path / "copy")
     rows, err = sample_jsonl(capsys, "--adapter", out, "--model", copy, PROMPTS[0])
-    assert err == (f"sample.py: warning: {out}: adapter was trained on {str(model_dir)!r}, "
+    assert err == (f"sample.py: warning: {out}: trained on {str(model_dir)!r}, "
                    f"loading into {str(copy)!r}\n")
     assert rows[0]["completion"] == by_hand["adapter"][0]
 
 
-def test_no_kernels_writes_the_same_completions(trained, by_hand, capsys):
-    """--no-kernels: llama.py's plain formulas, without kernels.py; the same greedy tags."""
+def test_no_kernels_is_still_accepted_and_changes_nothing(trained, by_hand, capsys):
+    """--no-kernels, the default since the speed chapter moved to speed/, is still taken (hidden
+    from --help): llama.py's formulas, the same greedy tags."""
     model_dir, out = trained
     rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--no-kernels",
                            *PROMPTS)
     assert [row["completion"] for row in rows] == by_hand["adapter"]
 
 
-# ----------------------------------------------------------------------------- the two generates
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return Llama.from_pretrained(tiny_model(tmp_path_factory))
-
-
-def random_prompts(lengths, vocab_size, seed=0):
-    """Token ids of prompts of the given lengths (never an eos: the test chooses those)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
+def recorded(monkeypatch, module, name, calls):
+    """module.name wrapped so that each call is appended to calls (by name)."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
 
 
-@pytest.mark.parametrize("pack_tokens", [512, 20])  # one packed row; several rows
-def test_packed_generate_gives_the_plain_loops_tokens(tiny, monkeypatch, pack_tokens):
-    """Oracle: generate_simple, the padded batch read in one forward. Greedy, prompts of different
-    lengths (the longest sets the padding), no eos: every row runs all its steps."""
-    monkeypatch.setattr(generate, "PACK_TOKENS", pack_tokens)
-    prompts = random_prompts([7, 1, 19, 12, 3, 19], tiny.config.vocab_size)
-    plain = generate.generate_simple(tiny, prompts, max_new_tokens=10, eos_ids=[])
-    assert [len(row) for row in plain] == [10] * len(prompts)
-    assert generate.generate(tiny, prompts, max_new_tokens=10, eos_ids=[]) == plain
-
-
-def test_both_generates_stop_at_an_eos_alike(tiny):
-    """Eos ids taken from the free output: a row stops before its first eos (which is not
-    returned); once every row has one, the loop ends before max_new_tokens. Both loops agree."""
-    prompts = random_prompts([5, 14, 9], tiny.config.vocab_size, seed=1)
-    free = generate.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=[])
-    for eos_ids in [[free[0][3]], [row[2] for row in free]]:  # row 0 stops; every row stops
-        plain = generate.generate_simple(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
-        assert plain == [generate.until_eos(row, eos_ids) for row in free]  # the free run, cut
-        assert generate.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids) == plain
+@pytest.mark.parametrize("sampling", [[], ["--temperature", 0.9, "--top-k", 50, "--top-p", 0.95,
+                                           "--seed", 3]], ids=["greedy", "sampled"])
+def test_kernels_writes_the_default_completions(trained, by_hand, capsys, monkeypatch, sampling):
+    """--kernels runs the speed chapter (kernels.use on the model, the packed generation; both
+    recorded, so that a flag that changed nothing would fail) and writes what the default
+    writes: greedy, the oracle by hand; sampled, the default run with the same seed."""
+    model_dir, out = trained
+    flags = ["--adapter", out, "--model", model_dir, "--batch-size", 3, *sampling, *PROMPTS]
     calls = []
-    hook = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        generate.generate(tiny, prompts, max_new_tokens=12, eos_ids=eos_ids)
-    finally:
-        hook.remove()
-    assert len(calls) <= 3  # one prefill and at most two steps, not the 12 calls of a free run
+    recorded(monkeypatch, packed, "generate_packed", calls)
+    recorded(monkeypatch, kernels, "use", calls)
+    default, _ = sample_jsonl(capsys, *flags)
+    assert calls == []  # the default never reaches speed/
+    fast, _ = sample_jsonl(capsys, *flags, "--kernels")
+    assert calls == ["use", "generate_packed", "generate_packed"]  # 4 prompts, batches of 3
+    assert fast == default
+    if not sampling:
+        assert [row["completion"] for row in fast] == by_hand["adapter"]
 
 
-def test_both_generates_sample_alike_from_one_seed(tiny):
-    """Temperature, top-k and top-p: the same seed draws the same tokens from either loop."""
-    prompts = random_prompts([6, 11, 2], tiny.config.vocab_size, seed=2)
-    kwargs = dict(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.95, eos_ids=[])
-    seeds = [torch.Generator().manual_seed(3) for _ in range(2)]
-    plain = generate.generate_simple(tiny, prompts, generator=seeds[0], **kwargs)
-    packed = generate.generate(tiny, prompts, generator=seeds[1], **kwargs)
-    assert packed == plain
+def test_attention_written_writes_the_default_completions(trained, by_hand, capsys):
+    """--attention written: llama.attention() step by step instead of SDPA, the same tags."""
+    model_dir, out = trained
+    rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--attention",
+                           "written", *PROMPTS)
+    assert [row["completion"] for row in rows] == by_hand["adapter"]
+
+
+@pytest.mark.parametrize("other", [["--no-kernels"], ["--attention", "written"]])
+def test_kernels_with_a_contradicting_flag_is_refused(capsys, other):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--kernels", *other, "x | tags:"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sample.py: error: --kernels contradicts {' '.join(other)}")
+
+
+# ----------------------------------------------------------------------------- issue 18, items 7, 8
+
+def test_a_prompts_file_with_a_byte_order_mark_gives_the_same_completions(trained, tmp_path,
+                                                                          capsys):
+    """Notepad and PowerShell's Out-File start a UTF-8 file with U+FEFF. Oracle: the same file
+    without it. Read as plain utf-8, prompt 1 began with the mark and was another prompt."""
+    model_dir, out = trained
+    flags = ["--adapter", out, "--model", model_dir]
+    text = "\n".join(PROMPTS) + "\n"
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text("\ufeff" + text, encoding="utf-8")
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    without, _ = sample_jsonl(capsys, *flags, "--prompts-file", plain)
+    with_mark, err = sample_jsonl(capsys, *flags, "--prompts-file", marked)
+    assert with_mark == without
+    assert [row["prompt"] for row in with_mark] == PROMPTS
+    assert err == ""
+
+
+def test_a_tiny_temperature_is_greedy_without_a_traceback(trained, by_hand):
+    """--temperature 1e-40: logits / 1e-40 overflowed to +-inf, softmax to NaN, and
+    torch.multinomial raised. Each row's largest logit is moved to 0 first now: it stays 0, the
+    others go to -inf, and the draw is the argmax. Oracle: greedy by hand. As a user runs it."""
+    model_dir, out = trained
+    done = run_script(["sample.py", "--adapter", out, "--model", model_dir, *FLAGS, "--jsonl",
+                       "--temperature", "1e-40", *PROMPTS])
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["completion"] for row in rows] == by_hand["adapter"]
 
 
 # ----------------------------------------------------------------------------- the prompt's shape
@@ -222,64 +247,6 @@ def test_a_space_after_the_separator_changes_nothing(trained, by_hand, capsys):
     assert err == ""
 
 
-# ----------------------------------------------------------------------------- sampling filters
-
-def transformers_filter(logits, temperature, top_k=None, top_p=None):
-    """Oracle: transformers' warpers, in the order its generate() applies them."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
-    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p is not None and top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return scores
-
-
-def assert_same_filter(logits, temperature, top_k=None, top_p=None):
-    ours = generate.filter_logits(logits, temperature, top_k, top_p)
-    theirs = transformers_filter(logits, temperature, top_k, top_p)
-    assert torch.equal(ours.isfinite(), theirs.isfinite()), (temperature, top_k, top_p)
-    assert torch.equal(ours[ours.isfinite()], theirs[theirs.isfinite()])
-    return ours.isfinite().sum(-1).tolist()  # tokens left in each row
-
-
-def test_top_p_keeps_the_smallest_set_that_reaches_it():
-    """Four equal logits, top_p 0.5: two tokens already hold 0.5, so two can be drawn (three
-    were). Oracle: transformers' TopPLogitsWarper."""
-    logits = torch.zeros(1, 4)
-    assert assert_same_filter(logits, 1.0, top_p=0.5) == [2]
-    g = torch.Generator().manual_seed(0)
-    drawn = {int(generate.sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
-    assert len(drawn) == 2
-
-
-@pytest.mark.parametrize("logits, top_k, top_p, left", [
-    ([3.0, 3.0, 3.0, 1.0, 0.0], 2, None, 3),  # a tie with the k-th: all tied stay
-    ([3.0, 3.0, 1.0], 1, None, 2),
-    ([math.log(2), 0.0, 0.0], None, 0.5, 1),  # 0.5, 0.25, 0.25: the first alone reaches 0.5
-    ([math.log(2), 0.0, 0.0], None, 0.75, 2),
-    ([5.0, -30.0, -30.0], None, 0.999, 1),  # the likeliest always stays
-    ([0.0] * 8, 4, 0.5, 4),  # top-k keeps all eight (tied), then top-p half of them
-])
-def test_filter_boundaries_as_transformers(logits, top_k, top_p, left):
-    assert assert_same_filter(torch.tensor([logits]), 1.0, top_k, top_p) == [left]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_filters_match_transformers_on_random_distributions(seed):
-    """Random logits, some rounded so that ties and equal masses occur; every combination of
-    temperature, top-k and top-p leaves the same tokens, with the same logits."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = [5, 50, 1000][seed % 3]
-    logits = torch.randn(8, vocab, generator=g) * 3
-    logits[::2] = logits[::2].round()  # every other row full of ties
-    for temperature in (0.5, 1.0, 1.7):
-        for top_k in (None, 1, 3, 40):
-            for top_p in (None, 0.1, 0.5, 0.9, 0.95, 1.0):
-                assert_same_filter(logits, temperature, top_k, top_p)
-
-
 # ----------------------------------------------------------------------------- --help
 
 def help_entries(main, capsys):
@@ -302,6 +269,9 @@ def test_help_shows_every_default(capsys):
     assert entries["--dtype"].endswith("(default: auto)")
     assert f"else {DEFAULT_MODEL}" in entries["--model"]
     assert "(default:" not in entries["--jsonl"]  # a switch: off unless given
+    assert entries["--attention"].endswith("(default: sdpa)")
+    assert "speed/" in entries["--kernels"] and "(default:" not in entries["--kernels"]
+    assert "--no-kernels" not in entries  # still taken, no longer shown: it is the default
 
 
 # ----------------------------------------------------------------------------- --alpha-sweep
@@ -310,7 +280,7 @@ def test_alpha_sweep_writes_each_prompt_at_each_alpha(trained, by_hand, capsys):
     """Oracle: greedy by hand with the adapter at each alpha; alpha 0 is the base, the adapter's
     own alpha the adapter."""
     model_dir, out = trained
-    own = export.read_adapter(out)[1]["alpha"]
+    own = lora.read_adapter(out)[1]["alpha"]
     sweep = [0.0, own, 6.0]
     rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--alpha-sweep",
                            ",".join(map(str, sweep)), *PROMPTS[:2])
@@ -318,7 +288,7 @@ def test_alpha_sweep_writes_each_prompt_at_each_alpha(trained, by_hand, capsys):
         (p, a) for p in PROMPTS[:2] for a in sweep]  # a block per prompt, a row per alpha
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     adapted = Llama.from_pretrained(model_dir)
-    export.load_adapter(adapted, out)
+    lora.load_adapter(adapted, out)
     lora.set_alpha(adapted, 6.0)
     at_6 = [greedy(adapted, tokenizer, p) for p in PROMPTS[:2]]
     expected = {0.0: by_hand["base"][:2], own: by_hand["adapter"][:2], 6.0: at_6}

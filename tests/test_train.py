@@ -1,26 +1,28 @@
-"""train.py: the method (masked loss, alpha doubling, only LoRA trains), its files, DDP and what a run prints.
+"""train.py: the method (masked loss, alpha doubling, only LoRA trains), the best adapter kept,
+its files, DDP and what a run prints.
 
 Oracles: cross-entropy computed by hand over the tag positions; the alpha the method prescribes;
 the base model's own weights, read again from its folder; a single-process run for DDP and for
-gradient accumulation. Resuming a run and the files of its --out folder: test_resume.py.
+gradient accumulation; the adapter held at each epoch's checkpoint for the best one; a clock
+moved by hand for the progress line. Resuming a run and the files of its --out folder:
+test_resume.py.
 """
 import re
-import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import checkpoint
-import ddp
-import export
+import common
 import lora
 import train
 from data import QuoteTokenizer, collate, make_sample
 from llama import Llama
-from tiny_run import (PAIRS, ROOT, TOTAL_STEPS, adapter, hashes, metrics, run_script, train_args,
-                      write_quotes)
+from tiny_run import (PAIRS, ROOT, RUN_FILES, TOTAL_STEPS, adapter, hashes, metrics, run_script,
+                      same_tensors, train_args, write_quotes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
 
@@ -32,7 +34,7 @@ def model_and_batch(setup):
     model_dir, _ = setup
     model = Llama.from_pretrained(model_dir)
     torch.manual_seed(0)
-    lora.add_lora(model, r=4, alpha=0.5)  # seed init: the adapter already changes the logits
+    lora.add_lora(model, r=4, alpha=0.5)  # random init: the adapter already changes the logits
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     samples = [make_sample(tokenizer, quote, tags) for quote, tags in PAIRS[:3]]
     return model, samples, tokenizer.eos_id
@@ -89,7 +91,9 @@ def test_alpha_doubles_every_epoch(three_epochs):
     assert alphas == {0: 0.125, 1: 0.25, 2: 0.5}
     evals = [(r["epoch"], r["alpha"]) for r in metrics(out, "eval")]
     assert evals == [(0, 0.125), (1, 0.125), (2, 0.25), (3, 0.5)]
-    assert export.read_adapter(out)[1]["alpha"] == 0.5
+    assert lora.read_adapter(out / checkpoint.LAST_ADAPTER)[1]["alpha"] == 0.5
+    kept = [r for r in metrics(out, "eval") if r.get("best")][-1]  # the best epoch's alpha
+    assert lora.read_adapter(out)[1]["alpha"] == kept["alpha"]
 
 
 def test_constant_schedule_keeps_alpha(setup, tmp_path):
@@ -97,7 +101,7 @@ def test_constant_schedule_keeps_alpha(setup, tmp_path):
     flags = ["--epochs", 2, "--alpha-schedule", "constant", "--alpha", 0.3]
     assert train.main(train_args(*setup, out, *flags)) == 0
     assert {r["alpha"] for r in metrics(out)} == {0.3}
-    assert export.read_adapter(out)[1]["alpha"] == 0.3
+    assert lora.read_adapter(out)[1]["alpha"] == 0.3
 
 
 def test_only_the_lora_weights_change(setup, three_epochs):
@@ -122,24 +126,64 @@ def test_adamw_gets_the_lora_parameters_only(three_epochs):
 
 def test_metrics_adapter_and_checkpoint_are_written_every_epoch(three_epochs):
     out, seen = three_epochs
-    # (checkpoint step, its epoch, the alpha in adapter.safetensors) read back after each save
+    # (checkpoint step, its epoch, the alpha in adapter-last.safetensors) read after each save
     assert seen["saves"] == [(5, 1, 0.125), (10, 2, 0.25), (15, 3, 0.5)]
     assert [r["step"] for r in metrics(out, "step")] == list(range(1, TOTAL_STEPS + 1))
-    evals = [(r["step"], r["epoch"]) for r in metrics(out, "eval")]
-    assert evals == [(0, 0), (5, 1), (10, 2), (15, 3)]
+    evals = metrics(out, "eval")
+    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0), (5, 1), (10, 2), (15, 3)]
+    # "best": lower than every validation after an epoch before it; none before training
+    assert "best" not in evals[0]
+    assert [r["best"] for r in evals[1:]] == [
+        all(r["val_loss"] < e["val_loss"] for e in evals[1:i]) for i, r in enumerate(evals[1:], 1)]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in metrics(out, "step"))
-    assert set(hashes(out)) == {"run.json", "metrics.jsonl", "adapter.safetensors",
-                                "checkpoint.pt", "loss.png"}
-
-
-def test_plot_writes_loss_png(three_epochs, tmp_path):
-    out, _ = three_epochs
+    assert set(hashes(out)) == RUN_FILES | {"loss.png"}
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "loss.png").unlink()
-    checkpoint.plot(str(copy))  # an existing --out folder, without training
-    assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_best_validation_keeps_its_adapter_and_the_last_one_lies_beside_it(
+        setup, tmp_path, capsys, monkeypatch):
+    """The validation losses forced to 6, 5, 4, 4.5 (before training, after epochs 1, 2, 3):
+    epoch 3 is worse, so adapter.safetensors (what eval.py and sample.py load from the folder)
+    keeps epoch 2's. Oracles: the adapter train.py held when it checkpointed the end of each
+    epoch (captured in checkpoint.save), the last checkpoint's adapter in checkpoint.pt, the
+    forced losses, and the figure --plot draws."""
+    from matplotlib.figure import Figure
+    losses = iter([6.0, 5.0, 4.0, 4.5])
+    monkeypatch.setattr(train, "validation_loss", lambda *args: next(losses))
+    at_epoch_end, figures, real_save, real_savefig = {}, [], checkpoint.save, Figure.savefig
+
+    def save(out, model, optimizer, scaler, position, base_model, best_too=False):
+        real_save(out, model, optimizer, scaler, position, base_model, best_too)
+        if position["batches_done"] == 0:
+            at_epoch_end[position["epoch"]] = {
+                k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
+                        or real_savefig(fig, *a, **k))
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--epochs", 3, "--plot")) == 0
+    ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
+    assert same_tensors(adapter(out), at_epoch_end[2])
+    assert not same_tensors(adapter(out), at_epoch_end[3])
+    assert same_tensors(lora.read_adapter(out)[0], at_epoch_end[2])  # eval.py, sample.py
+    assert lora.read_adapter(out)[1]["alpha"] == 0.25  # epoch 2's alpha
+    assert same_tensors(adapter(out, checkpoint.LAST_ADAPTER), ckpt["adapter"])
+    assert same_tensors(ckpt["adapter"], at_epoch_end[3])
+    assert ckpt["best"] == {"epoch": 2, "val_loss": 4.0, "step": 10}
+    assert [(r["epoch"], r["val_loss"], r.get("best")) for r in metrics(out, "eval")] == [
+        (0, 6.0, None), (1, 5.0, True), (2, 4.0, True), (3, 4.5, False)]
+    err = capsys.readouterr().err.splitlines()
+    assert "epoch 2: validation loss 4.0000 (alpha 0.25), the best so far: kept" in err
+    assert "epoch 3: validation loss 4.5000 (alpha 0.5)" in err
+    assert err[-2:] == [
+        f"done: 3 epoch(s), 15 steps; {out / 'adapter.safetensors'} holds the adapter of epoch 2 "
+        f"(validation loss 4.0000, the best); the last one is {out / checkpoint.LAST_ADAPTER}",
+        f"wrote {out / 'loss.png'}"]
+    fig, = figures  # loss.png: the kept validation ringed
+    ring, = [line for ax in fig.axes for line in ax.get_lines()
+             if line.get_label() == "kept adapter (epoch 2)"]
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([10], [4.0])
 
 
 # ------------------------------------------------------------------------ the same step, split
@@ -174,50 +218,34 @@ def test_recompute_trains_the_same_adapter(setup, tmp_path):
     assert all(torch.allclose(kept[k], recomputed[k], rtol=0, atol=1e-6) for k in kept)
 
 
-def test_no_kernels_trains_the_same_adapter_on_the_plain_formulas(setup, tmp_path):
-    """kernels.use(model) swaps in hand-written backward passes; --no-kernels leaves llama.py's
-    formulas to autograd. The oracle: the plain run's adapter, which the fast one must equal."""
-    import kernels
-    used = []
+@pytest.mark.parametrize("flags, uses", [(["--kernels"], 1), (["--no-kernels"], 0),
+                                         (["--attention", "written"], 0)],
+                         ids=["kernels", "no_kernels", "attention_written"])
+def test_other_formulas_train_the_same_adapter_as_the_plain_ones(setup, tmp_path, flags, uses):
+    """By default the loop runs llama.py's formulas under autograd; --kernels swaps in the speed
+    chapter's hand-written backward passes (speed/kernels.py's use), --attention written the
+    attention formula step by step, --no-kernels (the old spelling of the default) nothing. The
+    oracle: the default run's adapter, which each must equal up to rounding."""
+    import llama
+    from speed import kernels
+    used, written = [], []
 
-    def counting_use(model, *args, **kwargs):
-        used.append(model)
-        return real_use(model, *args, **kwargs)
+    def counted(real, calls):
+        return lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
 
-    real_use = kernels.use
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "use", counting_use)
-        for flags in ([], ["--no-kernels"]):
-            used.clear()
-            argv = train_args(*setup, tmp_path / f"run{len(flags)}", "--max-steps", 3, *flags)
+        mp.setattr(kernels, "use", counted(kernels.use, used))
+        mp.setattr(llama, "attention", counted(llama.attention, written))
+        for name, more in (("plain", []), ("other", flags)):
+            used.clear(), written.clear()
+            argv = train_args(*setup, tmp_path / name, "--max-steps", 3, *more)
             assert train.main(argv) == 0
-            assert len(used) == (0 if flags else 1)
-    fast, plain = adapter(tmp_path / "run0"), adapter(tmp_path / "run1")
-    assert all(torch.allclose(fast[k], plain[k], rtol=0, atol=1e-5) for k in plain)
-
-
-@pytest.mark.parametrize("rows, world, accum", [(8, 2, 2), (3, 2, 2), (1, 2, 1), (5, 3, 1)])
-def test_the_ranks_shares_take_every_row_once(rows, world, accum):
-    """ddp.my_share: over all ranks, each row of the batch is in one counted micro-batch (weight
-    1); a rank left without rows runs one row counted zero times; only each rank's last
-    micro-batch asks DDP to average the gradients."""
-    lengths = torch.arange(rows) % 3 + 2
-    batch = {"lengths": lengths, "input_tokens": torch.arange(rows)[:, None].repeat(1, 4)}
-
-    class Model:  # records the flag DDP reads in its forward
-        require_backward_grad_sync = None
-
-    counted, flags = [], []
-    for rank in range(world):
-        model = Model()
-        for micro, weight in ddp.my_share(model, batch, accum, rank, world):  # as train_step
-            flags.append(model.require_backward_grad_sync)  # read before the next one is asked
-            assert len(micro["lengths"]) >= 1 and weight in (0.0, 1.0)
-            assert micro["input_tokens"].shape[1] == int(micro["lengths"].max())  # trimmed
-            if weight:
-                counted += micro["input_tokens"][:, 0].tolist()
-    assert sorted(counted) == list(range(rows))
-    assert flags == ([False] * (accum - 1) + [True]) * world
+            assert len(used) == (uses if more else 0)
+            assert bool(written) == ("written" in more)  # llama.attention(), step by step
+    plain, other = adapter(tmp_path / "plain"), adapter(tmp_path / "other")
+    assert all(torch.allclose(other[k], plain[k], rtol=0, atol=1e-5) for k in plain)
+    if flags == ["--no-kernels"]:
+        assert same_tensors(other, plain)  # the very same code path
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process(setup, tmp_path):
@@ -234,70 +262,52 @@ def test_ddp_on_two_cpu_processes_equals_one_process(setup, tmp_path):
     assert both.returncode == 0, both.stderr[-3000:]
     assert "all 2 processes end with the same adapter" in both.stderr
     assert train.main(flags(tmp_path / "single", "--grad-accum", 2)) == 0
-    ranks, single = adapter(tmp_path / "ddp"), adapter(tmp_path / "single")
-    assert all(torch.allclose(ranks[k], single[k], rtol=0, atol=1e-5) for k in single)
+    for name in ("adapter.safetensors", checkpoint.LAST_ADAPTER):
+        ranks, single = adapter(tmp_path / "ddp", name), adapter(tmp_path / "single", name)
+        assert all(torch.allclose(ranks[k], single[k], rtol=0, atol=1e-5) for k in single)
     # only rank 0 writes: one metrics row per step, nothing beside --out
     assert [r["step"] for r in metrics(tmp_path / "ddp", "step")] == [1, 2, 3, 4]
-    assert set(hashes(tmp_path / "ddp")) == {"run.json", "metrics.jsonl", "adapter.safetensors",
-                                             "checkpoint.pt"}
+    assert set(hashes(tmp_path / "ddp")) == RUN_FILES
     assert list(cwd.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- what a run prints
 
-HIDDEN = {"batch_ids", "memory_of"}  # bench.py's flags for its own child processes
-
-
-@pytest.mark.parametrize("script", ["train", "bench"])
-def test_help_shows_every_default(script, capsys):
-    """Every flag that takes a value and has a default shows it: `(default: 8)` after --r's help.
-    argparse wraps long lines (at hyphens too): the text is compared without whitespace."""
-    module = __import__(script)
-    with pytest.raises(SystemExit):
-        module.parse_args(["--help"])
-    text = "".join(capsys.readouterr().out.split())
-    defaults = vars(module.parse_args([]))
-    for name in ("model", "data", "batch_size", "lr", "r", "alpha"):
-        assert defaults[name] is not None
-    for name, value in defaults.items():
-        if value is not None and value is not False and name not in HIDDEN:
-            assert f"(default:{''.join(str(value).split())})" in text, name
-
-
-@pytest.mark.parametrize("argv, default", [
-    (["export", "--help"], "(default:theonetheadapterrecords)"),
-    (["plot", "--help"], "(default:out)"),
-], ids=["lora.py_export", "checkpoint.py_plot"])
-def test_help_of_export_and_plot_shows_the_defaults(argv, default):
-    done = run_script(["lora.py" if argv[0] == "export" else "checkpoint.py", *argv])
-    assert done.returncode == 0, done.stderr
-    assert default in "".join(done.stdout.split())
-
-
 def test_max_steps_mid_epoch_says_where_the_adapter_is(setup, tmp_path, capsys):
+    """Before the first validation adapter.safetensors is the latest adapter, the checkpoint's."""
     out = tmp_path / "out"
     assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"reached --max-steps 2 at step 2 (epoch 1/1): adapter saved in "
-        f"{out / 'adapter.safetensors'}; --resume with a larger --max-steps, or none, goes on")
-    assert train.main(train_args(*setup, out, "--resume")) == 0
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"done: 1 epoch(s), 5 steps; adapter saved in {out / 'adapter.safetensors'}")
+        f"{out / 'adapter.safetensors'} (not validated yet: no epoch has ended); --resume with a "
+        "larger --max-steps goes on")
+    ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
+    assert same_tensors(adapter(out), ckpt["adapter"]) and ckpt["best"] is None
+    assert same_tensors(adapter(out, checkpoint.LAST_ADAPTER), ckpt["adapter"])
+    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 100)) == 0
+    assert re.fullmatch(
+        rf"done: 1 epoch\(s\), 5 steps; {re.escape(str(out / 'adapter.safetensors'))} holds the "
+        r"adapter of epoch 1 \(validation loss \d+\.\d{4}, the best\); the last one is "
+        rf"{re.escape(str(out / checkpoint.LAST_ADAPTER))}",
+        capsys.readouterr().err.splitlines()[-1])
 
 
-PROGRESS = r"epoch \d+/\d+ step \d+/\d+ loss \S+ alpha \S+ \d+ tok/s"
+PROGRESS = (r"epoch \d+/\d+ step \d+/\d+ loss \S+ alpha \S+ \d+ tok/s, "
+            r"epoch ends in [\d.]+ (s|min|h)")
 
 
 def test_on_a_terminal_the_progress_line_ends_before_the_next_message(
         setup, tmp_path, capsys, monkeypatch):
-    """On a tty every step rewrites one line (\r). After an epoch's last step, after
-    --max-steps, and before an error the line is ended: no message is glued after `tok/s`."""
+    """On a tty every step rewrites one line (\r, then \033[K clears its old end). After an
+    epoch's last step, after --max-steps, and before an error the line is ended: no message is
+    glued after the progress."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     argv = train_args(*setup, tmp_path / "out", "--epochs", 2, "--max-steps", 7)
     assert train.main(argv) == 0
     err = capsys.readouterr().err
     assert err.endswith("\n")
-    shown = [line.split("\r")[-1] for line in err.split("\n")]  # what the terminal keeps
+    # what the terminal keeps of each line
+    shown = [line.split("\r")[-1].replace("\033[K", "") for line in err.split("\n")]
     assert not [line for line in shown if "tok/s" in line and not re.fullmatch(PROGRESS, line)]
     steps = [line.split()[3] for line in shown if re.fullmatch(PROGRESS, line)]
     assert steps == ["5/5", "2/5"]  # each epoch's last line stays on the screen
@@ -310,13 +320,54 @@ def test_on_a_terminal_the_progress_line_ends_before_the_next_message(
     assert shown[-2].startswith("train.py: error: loss became nan at step 2")
 
 
-def test_in_a_log_file_progress_lines_are_whole_and_the_last_one_is_kept(setup, tmp_path,
-                                                                           capsys):
+def progress_lines(err):
+    lines = err.split("\n")
+    assert lines[-1] == "" and "" not in lines[:-1]  # whole lines, no blank one
+    return [line for line in lines if "tok/s" in line]
+
+
+@pytest.mark.parametrize("every, steps", [
+    (None, ["1/5", "5/5", "1/5", "2/5"]),  # Clock.EVERY = 30 s: a step takes milliseconds
+    (0, ["1/5", "2/5", "3/5", "4/5", "5/5", "1/5", "2/5"]),
+], ids=["every_30s", "every_step"])
+def test_in_a_log_file_the_first_step_every_interval_and_each_epochs_last_are_printed(
+        setup, tmp_path, capsys, monkeypatch, every, steps):
+    """stderr is no tty here (captured): whole lines, the first right after an epoch's first
+    step (a slow machine shows it is alive), then one at least every Clock.EVERY seconds, and
+    the epoch's last step and the --max-steps step."""
+    if every is not None:
+        monkeypatch.setattr(common.Clock, "EVERY", every)
     argv = train_args(*setup, tmp_path / "out", "--epochs", 2, "--max-steps", 7)
     assert train.main(argv) == 0
-    lines = capsys.readouterr().err.split("\n")
-    assert lines[-1] == "" and "" not in lines[:-1]  # no blank line
-    assert [line.split()[3] for line in lines if re.fullmatch(PROGRESS, line)] == ["5/5", "2/5"]
+    lines = progress_lines(capsys.readouterr().err)
+    assert all(re.fullmatch(PROGRESS, line) for line in lines), lines
+    assert [line.split()[3] for line in lines] == steps
+
+
+def test_progress_tells_speed_and_time_left_by_the_clock(setup, tmp_path, capsys, monkeypatch):
+    """A clock that moves 10 s at each reading (Clock reads it at the epoch's start, then once
+    to count a step and once to show it): shown are steps 1 (first), 3 (30 s after 1) and 5
+    (last). Oracles: the time left by hand, (elapsed / steps done) * steps to go: 20 / 1 * 4 =
+    80 s, 60 / 3 * 2 = 40 s, 0 s; tok/s from the metrics rows' tokens_per_s (counted at the
+    reading before)."""
+    now = [1000.0]
+
+    def clock():
+        now[0] += 10
+        return now[0]
+
+    monkeypatch.setattr(common, "time", SimpleNamespace(time=clock))
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out)) == 0
+    lines = progress_lines(capsys.readouterr().err)
+    assert [(line.split()[3], line.split(", epoch ends in ")[1]) for line in lines] == [
+        ("1/5", "80 s"), ("3/5", "40 s"), ("5/5", "0 s")]
+    rows = metrics(out, "step")
+    for line, k in zip(lines, (1, 3, 5)):
+        tokens = round(rows[k - 1]["tokens_per_s"] * (20 * k - 10))  # all tokens up to step k
+        assert re.search(r"(\d+) tok/s", line).group(1) == f"{tokens / (20 * k):.0f}"
+    assert [common.duration(s) for s in (45, 89.4, 90, 720, 5399, 5400, 12240)] == [
+        "45 s", "89 s", "2 min", "12 min", "90 min", "1.5 h", "3.4 h"]
 
 
 ABORTING_TEARDOWN = """
@@ -330,8 +381,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_under_torchrun_a_finished_run_exits_0_whatever_the_teardown_does(setup, tmp_path):
-    """Under torchrun, train.py leaves by os._exit once everything is written and flushed
-    (ddp.exit): an abort in the teardown it skips can no longer fail a run that went well."""
+    """Under torchrun, train.py leaves by os._exit once everything is written and flushed: an
+    abort in the teardown it skips can no longer fail a run that went well."""
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(ABORTING_TEARDOWN.format(train=str(ROOT / "train.py")))
     out = tmp_path / "out"

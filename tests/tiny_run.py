@@ -119,9 +119,19 @@ def hashes(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def adapter(folder):
-    """The LoRA tensors train.py saved in an --out folder."""
-    return load_file(Path(folder) / "adapter.safetensors")
+RUN_FILES = {"run.json", "metrics.jsonl", "adapter.safetensors", "adapter-last.safetensors",
+             "checkpoint.pt"}  # what a train.py --out folder holds (and loss.png with --plot)
+
+
+def adapter(folder, name="adapter.safetensors"):
+    """The LoRA tensors train.py saved in an --out folder: the best validation's adapter, or with
+    name="adapter-last.safetensors" the last checkpoint's."""
+    return load_file(Path(folder) / name)
+
+
+def same_tensors(mine, theirs):
+    """Two {name: tensor} dicts with the same names and, bit for bit, the same numbers."""
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def metrics(folder, kind=None):
