@@ -192,15 +192,6 @@ def torch_version():
     return tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-def sync(device):
-    """Wait for the device's queued work: a GPU returns from a call before it computed it, so a
-    clock read without this times the launch, not the work."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
 # ----------------------------------------------------------------------------- validation loss
 
 @torch.no_grad()

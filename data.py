@@ -271,7 +271,7 @@ def read_quotes(source: str = DEFAULT_DATASET) -> tuple[list[tuple[str, list[str
     path = resolve_data_file(source)
     lines = _lines(path)
     if not lines:
-        raise ValueError(f"{path}: empty file, expected JSONL (one JSON object per line)")
+        raise ValueError(f"{path}: empty file; {EXPECTED_FORMAT}")
     if lines[0][1].lstrip().startswith("["):
         raise ValueError(f"{path}: is a JSON array; {EXPECTED_FORMAT}")
     pairs, skips = [], {}

@@ -409,6 +409,8 @@ def check_init(init):
 
 if __name__ == "__main__":
     import sys
-    sys.exit("lora.py is the LoRA lesson, not a command. Its tools moved to their own files:\n"
-             "  python -m export --adapter out --format peft|merged|gguf|lora-gguf --out DIR\n"
-             "  python -m anatomy out      (what an adapter learned; was `lora.py inspect`)")
+    print("lora.py is the LoRA lesson, not a command; its tools have files of their own:\n"
+          "  python -m export --adapter out --format peft|merged|gguf|lora-gguf --out PATH\n"
+          "  python -m anatomy out     (what an adapter learned; was `lora.py inspect`)",
+          file=sys.stderr)
+    sys.exit(2)

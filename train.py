@@ -96,10 +96,9 @@ def parse_args(argv=None):
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
-    if args.kernels and args.no_kernels:
-        p.error("--kernels and --no-kernels contradict each other")
-    if args.kernels and args.attention == "written":
-        p.error("--attention written runs llama.attention(); --kernels replaces it: pick one")
+    if args.kernels and (args.no_kernels or args.attention == "written"):
+        other = "--no-kernels" if args.no_kernels else "--attention written"
+        p.error(f"--kernels contradicts {other}")
     return args
 
 

@@ -28,10 +28,10 @@ import torch
 import data
 import lora
 from bench.measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_memory, summarize,
-                           train_flops)
+                           sync, train_flops)
 from bench.sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
-from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed, sync
+from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed
 from hub import resolve_model_dir
 
 SIDES = ("plain", "kernels", "peft")

@@ -15,7 +15,8 @@ import statistics
 import time
 import torch
 
-from common import HelpFormatter, pick_device, positive, sync
+from bench.measure import sync
+from common import HelpFormatter, pick_device, positive
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names; getattr(torch, name) takes them
 

@@ -1,4 +1,4 @@
-"""What bench.py measures with, apart from the two sides: the useful work of a LoRA step, the
+"""What bench.py measures with, apart from the sides: the useful work of a LoRA step, the
 device's best matmul speed, a process's peak memory, and the step-time statistics.
 
 train_flops counts the matrix products one LoRA training step needs (linear_shapes gives each
@@ -10,7 +10,14 @@ import time
 
 import torch
 
-from common import sync
+
+def sync(device):
+    """Wait for the device's queued work: a GPU returns from a call before it computed it, so a
+    clock read without this times the launch, not the work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------- FLOPs and peak

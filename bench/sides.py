@@ -14,7 +14,8 @@ import torch
 
 import data
 import lora
-from common import autocast, sync
+from bench.measure import sync
+from common import autocast
 from hub import resolve_model_dir
 from llama import Llama, LlamaConfig, generate, until_eos
 from speed import kernels

@@ -9,7 +9,8 @@ folder. docs/adapters.md ("Use the adapter elsewhere") has the commands and the 
                        types; an Ollama Modelfile; and the file read back into our layout
     gguf_lora.py       the adapter alone as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER)
     check.py           greedy tags of held-out quotes, to compare an export with the adapter
-    llamacpp_check.py  the exports run by llama.cpp itself (llama-cpp-python), tags compared
+    llamacpp_check.py  the exports run by llama.cpp itself (llama-cpp-python), tags compared:
+        python -m export.llamacpp_check --adapter out --data quotes.jsonl [--n 20]
     llamacpp_run.py    the llama.cpp side of that check, run by a Python that has llama_cpp
     cli.py             the command:
         python -m export --adapter out --format peft|merged|gguf|lora-gguf --out DIR

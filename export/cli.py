@@ -21,14 +21,17 @@ import torch
 import lora
 from checkpoint import check_out_dir
 from common import HelpFormatter, positive
+from data import QuoteTokenizer
 from export.check import agreement, greedy_completions, held_out_prompts, run_settings
+from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf  # gguf itself: lazily
+from export.gguf_lora import (ADAPTER_GGUF, BASE_GGUF, LORA_TYPES, export_lora_gguf,
+                              read_lora_gguf)
 from export.merged import DEFAULT_DTYPE, DTYPES, describe_lost, export_merged
 from export.peft import export_peft, read_any
 from llama import Llama
 
 FORMATS = ("peft", "merged", "gguf", "lora-gguf")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export/gguf.py's TYPES (it imports gguf lazily)
-CHECK = 8  # held-out quotes compared by default: a minute for SmolLM2 on a CPU
+CHECK = 8  # held-out quotes compared by default: about a minute for SmolLM2 on a CPU
 
 
 def parse_args(argv=None):
@@ -45,8 +48,8 @@ def parse_args(argv=None):
         "records); for peft it only sets base_model_name_or_path")
     add("--dtype", choices=list(DTYPES), help=f"merged: the weights' dtype "
         f"(default: {DEFAULT_DTYPE}, the one that keeps the update)")
-    add("--type", choices=GGUF_TYPES, help="gguf, lora-gguf: the weights' GGML type "
-        "(default: f32)")
+    add("--type", choices=TYPES, help="gguf, lora-gguf: the weights' GGML type "
+        f"(default: f32; lora-gguf: {', '.join(LORA_TYPES)})")
     add("--data", help="quotes JSONL file: compare the export's greedy tags with the "
         "adapter's on held-out quotes (the adapter's run.json gives the split)")
     add("--check", type=positive(int), default=None,
@@ -61,6 +64,9 @@ def parse_args(argv=None):
                 f"{'--type' if 'gguf' in args.format else 'no dtype'}")
     if args.type and "gguf" not in args.format:
         p.error(f"--type is for --format gguf and lora-gguf, not {args.format}")
+    if args.format == "lora-gguf" and args.type not in (None, *LORA_TYPES):
+        p.error(f"--format lora-gguf stores A and B as {', '.join(LORA_TYPES)}: --type "
+                f"{args.type} packs rows by 32 numbers, and B's rows are r long")
     if (args.data or args.check) and args.format == "peft":
         p.error("--data and --check compare completions of merged, gguf and lora-gguf exports; "
                 "peft writes the adapter unchanged")
@@ -70,9 +76,9 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    """The base in float32 with the adapter in (not merged), and the adapter's metadata."""
+    """The base in float32 with the adapter in, not merged (or without one: --no-adapter)."""
     if args.no_adapter:
-        return Llama.from_pretrained(args.model, dtype=torch.float32), None
+        return Llama.from_pretrained(args.model, dtype=torch.float32)
     tensors, meta = read_any(args.adapter)
     base = args.model or meta["base_model"]
     if not base:
@@ -80,7 +86,7 @@ def load_model(args):
     # Merge in float32 whatever the base's dtype: the exports round once, into their own type.
     model = Llama.from_pretrained(base, dtype=torch.float32)
     lora.load_adapter(model, (tensors, meta))
-    return model, meta
+    return model
 
 
 def write(model, args):
@@ -90,13 +96,11 @@ def write(model, args):
         print(describe_lost(export_merged(model, args.out, dtype), dtype))
         return args.out
     if args.format == "gguf":
-        from export.gguf import GGUF_FILE, export_gguf  # imports gguf only now
         weight_type = args.type or "f32"
         lost = export_gguf(model, args.out, weight_type)
         if not args.no_adapter:
             print(describe_lost(lost, weight_type))
         return f"{args.out}/{GGUF_FILE}"
-    from export.gguf_lora import ADAPTER_GGUF, BASE_GGUF, export_lora_gguf
     export_lora_gguf(model, args.out, args.type or "f32")
     print(f"the Modelfile runs it on {args.out}/{BASE_GGUF}, the base as GGUF: "
           f"python -m export --no-adapter --model {model.name_or_path} --format gguf --out DIR, "
@@ -109,29 +113,23 @@ def read_back(path, args, model):
     if args.format == "merged":
         return Llama.from_pretrained(path, dtype=torch.float32)
     if args.format == "gguf":
-        from export.gguf import model_from_gguf
         return model_from_gguf(path, model.model_dir)
-    from export.gguf_lora import read_lora_gguf
     fresh = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
     lora.load_adapter(fresh, read_lora_gguf(path, fresh.config))
     return fresh
 
 
-def check(model, path, args):
-    """Print whether the export's greedy tags equal the adapter's on --check held-out quotes."""
-    if not args.data:
+def check(model, path, args, prompts):
+    """Print whether the export's greedy tags equal the adapter's on the held-out prompts."""
+    if not prompts:
         print("greedy tags not compared: pass --data quotes.jsonl to compare the export's with "
               "the adapter's on held-out quotes")
         return
-    from data import QuoteTokenizer
-    n = args.check or CHECK
-    prompts = held_out_prompts(model.model_dir, args.data, n,
-                               run_settings(args.adapter) if args.adapter else {})
     tokenizer = QuoteTokenizer.from_model_dir(model.model_dir)
     expected = greedy_completions(model, tokenizer, prompts)
     got = greedy_completions(read_back(path, args, model), tokenizer, prompts)
     source = "the base's" if args.no_adapter else "the adapter's (unmerged, float32)"
-    print(f"greedy tags of {n} held-out quotes: the export's equal {source} on "
+    print(f"greedy tags of {len(prompts)} held-out quotes: the export's equal {source} on "
           f"{agreement(expected, got)}")
 
 
@@ -143,10 +141,14 @@ def main(argv=None):
             export_peft(args.adapter, args.out, base_model=args.model)
             print(f"wrote {args.out}")
             return 0
-        model, _ = load_model(args)
+        model = load_model(args)
+        prompts = []  # read before writing: a --data mistake costs no export
+        if args.data:
+            run = run_settings(args.adapter) if args.adapter else {}
+            prompts = held_out_prompts(model.model_dir, args.data, args.check or CHECK, run)
         path = write(model, args)
         print(f"wrote {args.out}")
-        check(model, path, args)
+        check(model, path, args, prompts)
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         parser.exit(2, f"python -m export: error: {' '.join(str(e).split())}\n")
     return 0

@@ -74,12 +74,12 @@ GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 def gguf_name(name):
     """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (any suffix after the
     module: .weight, and the LoRA GGUF's .weight.lora_a)."""
-    for module in sorted(GGUF_NAMES, key=len, reverse=True):  # self_attn.q_proj before lm_head
-        layer = HF_LAYER.fullmatch(name)
-        if layer and layer[2].startswith(module + "."):
-            return f"blk.{layer[1]}.{GGUF_NAMES[module]}{layer[2][len(module):]}"
-        if not layer and name.startswith(module + "."):
-            return GGUF_NAMES[module] + name[len(module):]
+    layer = HF_LAYER.fullmatch(name)
+    path = layer[2] if layer else name  # self_attn.q_proj.weight, or model.norm.weight
+    for module, short in GGUF_NAMES.items():
+        if path.startswith(module + "."):
+            rest = path[len(module):]  # .weight
+            return f"blk.{layer[1]}.{short}{rest}" if layer else short + rest
     raise ValueError(f"{name}: not a weight of a Llama model")
 
 
@@ -89,8 +89,9 @@ def hf_name(name):
     module, _, rest = (layer[2] if layer else name).partition(".")
     if module not in HF_NAMES:
         raise ValueError(f"{name}: not a tensor of a llama GGUF")
-    return f"model.layers.{layer[1]}.{HF_NAMES[module]}.{rest}" if layer else \
-        f"{HF_NAMES[module]}.{rest}"
+    if layer:
+        return f"model.layers.{layer[1]}.{HF_NAMES[module]}.{rest}"
+    return f"{HF_NAMES[module]}.{rest}"
 
 
 # ----------------------------------------------------------------------------- 2. q and k rows

@@ -7,16 +7,18 @@ llama.cpp runs through llama-cpp-python, in a process of its own (export/llamacp
 needs no torch): --llamacpp-python names the Python that has it (default: this one). For the first
 --n held-out quotes of the adapter's split (export/check.py) it compares greedy completions:
 
-    sample.py   the adapter on the float32 base, merged in float32, as sample.py --adapter runs
+    sample.py   the adapter merged in float32, greedy, as sample.py --adapter --dtype float32
     project     our Llama reading the exported file back (export/gguf.py's model_from_gguf)
-    llama.cpp   llama-cpp-python on the same file (create_completion, temperature 0)
+    llama.cpp   llama-cpp-python on the same file, greedy (export/llamacpp_run.py)
 
 for the merged model as GGUF in each --types type, and for the base as GGUF (f32) with the LoRA
-GGUF on it. An adapter with a LoRA on a tied lm_head is refused by the LoRA GGUF export
-(export/gguf_lora.py): the check prints the refusal, counts how many completions change without
-the lm_head part, and runs the LoRA GGUF of the adapter without it. It also checks that llama.cpp
-cuts each prompt into our tokens (the GGUF's tokenizer). Files go to a temporary folder, or to
---work DIR, kept. docs/adapters.md shows a run.
+GGUF on it. llama.cpp runs each file twice: with its keys and values cached in f32, so that
+float32 weights are computed in float32 throughout, and with its default f16 cache, a rounding of
+its own that any llama.cpp or Ollama user gets. An adapter with a LoRA on a tied lm_head is
+refused by the LoRA GGUF export (export/gguf_lora.py): the check prints the refusal, counts how
+many completions change without the lm_head part, and runs the LoRA GGUF of the adapter without
+it. It also checks that llama.cpp cuts each prompt into our tokens (the GGUF's tokenizer). Files
+go to a temporary folder, or to --work DIR, kept. docs/adapters.md shows a run.
 """
 import argparse
 import json
@@ -63,11 +65,14 @@ def parse_args(argv=None):
     return args
 
 
-def llamacpp(python, gguf, prompts, lora_gguf=None, threads=1):
+KV_CACHES = ("f32", "f16")  # how llama.cpp keeps keys and values: exact, and its default
+
+
+def llamacpp(python, gguf, prompts, lora_gguf=None, threads=1, kv_cache="f16"):
     """(rows of export/llamacpp_run.py, None), or (None, why it failed in one line). A run that
     llama.cpp crashes is run again with its --no-repack (no CPU-specific weight layouts: its AMX
     int8 kernel crashes on some machines), and the rows say so under "note"."""
-    command = [python, str(WORKER), str(gguf), "--threads", str(threads)]
+    command = [python, str(WORKER), str(gguf), "--threads", str(threads), "--kv-cache", kv_cache]
     if lora_gguf:
         command += ["--lora", str(lora_gguf)]
     job = json.dumps({"prompts": prompts, "max_new_tokens": 32})
@@ -79,25 +84,23 @@ def llamacpp(python, gguf, prompts, lora_gguf=None, threads=1):
             rows = [json.loads(line) for line in done.stdout.splitlines()]
             note = f"{crashed}; run again with --no-repack" if crashed else None
             return [{**r, "note": note} for r in rows], None
-        how = f"killed by signal {-done.returncode}" if done.returncode < 0 else \
-            f"exit {done.returncode}"
-        tail = done.stderr.strip().splitlines()[-1:] or [""]
-        crashed = f"llama.cpp {how} {tail[0]}".strip()
         if done.returncode > 0:  # an error, not a crash: --no-repack would not help
-            break
+            tail = done.stderr.strip().splitlines()[-1:] or [""]
+            return None, f"llama.cpp: exit {done.returncode}: {tail[0]}"
+        crashed = f"llama.cpp crashed (signal {-done.returncode})"
     return None, crashed
 
 
-def compare(name, rows, why, ours, reference, ids, tokenizer):
+def compare(name, kv_cache, rows, why, ours, reference, ids, tokenizer):
     """One result: llama.cpp's completions against sample.py's and the project's reading of the
     same file, and its tokens of each prompt against ours. llama.cpp's greedy tokens are
     decoded by our tokenizer, so that equal tokens are equal texts; its own text
     (create_completion's) is compared too, and differs where a token is part of a character."""
     if rows is None:
-        return {"file": name, "failed": why}
+        return {"file": name, "kv_cache": kv_cache, "failed": why}
     theirs = [tokenizer.decode(r["completion_ids"]) for r in rows]
     same = lambda a, b: sum(x == y for x, y in zip(a, b, strict=True))  # noqa: E731
-    return {"file": name, "n": len(rows), "note": rows[0]["note"],
+    return {"file": name, "kv_cache": kv_cache, "n": len(rows), "note": rows[0]["note"],
             "llamacpp_eq_sample": same(theirs, reference),
             "llamacpp_eq_project": same(theirs, ours),
             "project_eq_sample": same(ours, reference),
@@ -143,44 +146,64 @@ def check(args, work):
     model_dir = model.model_dir
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     prompts = held_out_prompts(model_dir, args.data, args.n, run_settings(args.adapter))
+    results = {"adapter": str(args.adapter), "base": str(model_dir), "n": args.n,
+               "prompts": prompts, "update_lost": {}, "files": []}
+    runs = export_merged_ggufs(model, args.types, work, tokenizer, prompts, results)
+    runs += export_lora(model, work, tokenizer, prompts, results)
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    results = {"adapter": str(args.adapter), "base": str(model_dir), "n": args.n, "files": []}
-    lost = {t: export_gguf(model, work / f"merged-{t}", t) for t in args.types}
-    lora_adapter = None  # the adapter the LoRA GGUF holds, when it is not the adapter itself
+    for name, path, lora_path, ours, expected in runs:
+        for kv_cache in KV_CACHES:
+            rows, why = llamacpp(args.llamacpp_python, path, prompts, lora_path, args.threads,
+                                 kv_cache)
+            results["files"].append(compare(name, kv_cache, rows, why, ours, expected, ids,
+                                            tokenizer))
+    return results
+
+
+def export_merged_ggufs(model, types, work, tokenizer, prompts, results):
+    """The merged model as GGUF in each type, and sample.py's completions (results
+    ["sample_py"]). Returns the runs for llama.cpp: (name, GGUF, None, the project's
+    completions from the file, sample.py's)."""
+    for t in types:
+        lost = export_gguf(model, work / f"merged-{t}", t)
+        results["update_lost"][t] = describe_lost(lost, t)
     try:
-        export_lora_gguf(model, work / "lora", "f32")
+        export_lora_gguf(model, work / "lora", "f32")  # the adapter as it is, if it can be
     except ValueError as refused:
         results["lora_refused"] = str(refused)
-        lora_adapter = without_head(model)
-    reference = sample_py(model, tokenizer, prompts)
-    del model
-
-    base = Llama.from_pretrained(model_dir, dtype=torch.float32)
-    export_gguf(base, work / "base-f32", "f32")
-    lora_reference = reference
-    if lora_adapter and lora_adapter[0]:  # not an adapter on lm_head alone
-        lora.load_adapter(base, lora_adapter)
-        export_lora_gguf(base, work / "lora", "f32")
-        lora_reference = sample_py(base, tokenizer, prompts)
-        results["without_head_eq_sample"] = sum(a == b for a, b in zip(lora_reference, reference))
-    del base
-
-    for t in args.types:
+        results["without_head"] = without_head(model)  # what is measured instead
+    results["sample_py"] = sample_py(model, tokenizer, prompts)  # merges the model's LoRA
+    runs = []
+    for t in types:
         path = work / f"merged-{t}" / GGUF_FILE
-        ours = greedy_completions(model_from_gguf(path, model_dir), tokenizer, prompts)
-        rows, why = llamacpp(args.llamacpp_python, path, prompts, threads=args.threads)
-        row = compare(f"merged {t}", rows, why, ours, reference, ids, tokenizer)
-        results["files"].append({**row, "update_lost": describe_lost(lost[t], t)})
-    if (work / "lora" / ADAPTER_GGUF).is_file():
-        lora_path = work / "lora" / ADAPTER_GGUF
-        read_back = Llama.from_pretrained(model_dir, dtype=torch.float32)
-        lora.load_adapter(read_back, read_lora_gguf(lora_path, read_back.config))
-        ours = sample_py(read_back, tokenizer, prompts)
-        rows, why = llamacpp(args.llamacpp_python, work / "base-f32" / GGUF_FILE, prompts,
-                             lora_path, args.threads)
-        name = "base f32 + LoRA" + (" less lm_head" if lora_adapter else "")
-        results["files"].append(compare(name, rows, why, ours, lora_reference, ids, tokenizer))
-    return results
+        ours = greedy_completions(model_from_gguf(path, model.model_dir), tokenizer, prompts)
+        runs.append((f"merged {t}", path, None, ours, results["sample_py"]))
+    return runs
+
+
+def export_lora(model, work, tokenizer, prompts, results):
+    """The base as an f32 GGUF and, beside export_merged_ggufs' LoRA GGUF, the one of the
+    adapter less its lm_head when the whole was refused. Returns its run for llama.cpp: (name,
+    base GGUF, LoRA GGUF, the project's completions with the LoRA GGUF read back, sample.py's
+    with the adapter it holds); none for an adapter on lm_head alone."""
+    base = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
+    export_gguf(base, work / "base-f32", "f32")
+    expected = results["sample_py"]
+    less_head = results.pop("without_head", None)
+    if less_head and less_head[0]:  # not an adapter on lm_head alone
+        lora.load_adapter(base, less_head)
+        export_lora_gguf(base, work / "lora", "f32")
+        expected = sample_py(base, tokenizer, prompts)
+        results["without_head_eq_sample"] = sum(a == b for a, b in zip(expected,
+                                                                        results["sample_py"]))
+    lora_path = work / "lora" / ADAPTER_GGUF
+    if not lora_path.is_file():
+        return []
+    read_back = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
+    lora.load_adapter(read_back, read_lora_gguf(lora_path, read_back.config))
+    ours = sample_py(read_back, tokenizer, prompts)
+    name = "base f32 + LoRA" + (" less lm_head" if less_head else "")
+    return [(name, work / "base-f32" / GGUF_FILE, lora_path, ours, expected)]
 
 
 def print_table(results):
@@ -194,17 +217,18 @@ def print_table(results):
     columns = {"llamacpp_eq_sample": "llama.cpp=sample.py", "llamacpp_eq_project":
                "llama.cpp=project", "project_eq_sample": "project=sample.py",
                "llamacpp_text_eq_sample": "its text=sample.py", "tokens_eq": "prompt tokens"}
-    print(f"{'file':<29}" + "".join(f"{c:>21}" for c in columns.values()))
+    print(f"{'file':<29}{'KV cache':>9}" + "".join(f"{c:>21}" for c in columns.values()))
     for r in results["files"]:
+        start = f"{r['file']:<29}{r['kv_cache']:>9}"
         if "failed" in r:
-            print(f"{r['file']:<29} {r['failed']}")
+            print(f"{start}  {r['failed']}")
             continue
         counts = [f"{r[k]} of {r['n']}" for k in columns]
-        print(f"{r['file']:<29}" + "".join(f"{c:>21}" for c in counts))
+        print(start + "".join(f"{c:>21}" for c in counts))
         if r["note"]:
             print(f"  {r['note']}")
-        if "update_lost" in r:
-            print(f"  {r['update_lost']}")
+    for line in results["update_lost"].values():
+        print(line)
 
 
 if __name__ == "__main__":

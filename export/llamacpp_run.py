@@ -1,7 +1,7 @@
 """The llama.cpp side of export/llamacpp_check.py: a GGUF (and a GGUF LoRA) loaded by
 llama-cpp-python, and each prompt's greedy completion as a llama.cpp user gets it.
 
-    python export/llamacpp_run.py model.gguf [--lora adapter.gguf] < job.json
+    python export/llamacpp_run.py model.gguf [--lora adapter.gguf] [--kv-cache f32] < job.json
 
 It imports llama_cpp and nothing of this project, not even torch: any Python that has
 llama-cpp-python runs it, a venv of its own included. It runs in a process of its own, so that a
@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("model", help="a GGUF model file")
     p.add_argument("--lora", help="a GGUF LoRA adapter to apply (scale 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads llama.cpp computes with")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16", help="the type llama.cpp "
+                   "keeps keys and values in (its --cache-type-k/-v; default f16, llama.cpp's)")
     p.add_argument("--no-repack", action="store_true", help="llama.cpp's own --no-repack: no "
                    "CPU-specific weight layouts (its AMX int8 kernel crashes on some machines)")
     args = p.parse_args(argv)
@@ -44,8 +46,10 @@ def main(argv=None):
             params.use_extra_bufts = False
             return params
         low_level.llama_model_default_params = no_repack
+    cache = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[args.kv_cache]
     llm = llama_cpp.Llama(args.model, lora_path=args.lora, n_ctx=1024, n_threads=args.threads,
-                          n_threads_batch=args.threads, seed=0, verbose=False)
+                          n_threads_batch=args.threads, type_k=cache, type_v=cache, seed=0,
+                          verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     for prompt in job["prompts"]:
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)

@@ -275,7 +275,7 @@ def test_lora_py_run_as_a_command_points_to_python_m_anatomy():
     anatomy went, in a few lines, with no traceback."""
     done = subprocess.run([sys.executable, "lora.py", "inspect", "out"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""
     assert "Traceback" not in done.stderr
-    assert "python -m anatomy out      (what an adapter learned; was `lora.py inspect`)" in (
+    assert "python -m anatomy out     (what an adapter learned; was `lora.py inspect`)" in (
         done.stderr)

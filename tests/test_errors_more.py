@@ -67,7 +67,8 @@ def bad_data(folder, quotes):
     """{case: (file, expected message)} of data files train.py refuses."""
     good = quotes.read_text().splitlines()
     files = {
-        "empty": ("empty.jsonl", b"", "{}: empty file, expected JSONL (one JSON object per line)"),
+        "empty": ("empty.jsonl", b"", "{}: empty file; expected a JSONL file, one object a line "
+                  'like {{"quote": "Be yourself.", "tags": ["honesty", "life"]}}'),
         "not_utf8": ("latin1.jsonl", good[0].encode() + b'\n{"quote": "caf\xe9", "tags": ["a"]}\n',
                      "{}:2: not valid UTF-8 (invalid continuation byte at byte 14)"),
         "nothing_usable": ("only_empty_tags.jsonl",

@@ -305,9 +305,12 @@ def test_llama_cpp_writes_our_greedy_tokens_from_every_gguf(adapted, tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["lora_refused"].startswith("the adapter has a LoRA on lm_head")
-    assert [r["file"] for r in results["files"]] == [
-        "merged f32", "merged f16", "merged bf16", "base f32 + LoRA less lm_head"]
-    for r in results["files"]:  # 16 bits: llama.cpp = the project reading the same file
-        assert (r["tokens_eq"], r["llamacpp_eq_project"]) == (2, 2), r
-        if "f16" not in r["file"]:  # f32: llama.cpp = sample.py too
-            assert r["llamacpp_eq_sample"] == 2, r
+    files = ["merged f32", "merged f16", "merged bf16", "base f32 + LoRA less lm_head"]
+    assert [(r["file"], r["kv_cache"]) for r in results["files"]] == [
+        (f, kv) for f in files for kv in ("f32", "f16")]  # f16: llama.cpp's own default cache
+    for r in results["files"]:
+        assert r["tokens_eq"] == 2 and "failed" not in r, r
+        if r["kv_cache"] == "f32":  # all float32 on llama.cpp's side too
+            assert r["llamacpp_eq_project"] == 2, r  # 16 bits: the project reading its own file
+            if "f16" not in r["file"]:
+                assert r["llamacpp_eq_sample"] == 2, r

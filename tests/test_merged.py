@@ -157,6 +157,19 @@ def test_cli_merged_export_without_data_says_tags_were_not_compared(adapted, tmp
     torch.testing.assert_close(hf_logits(merged), ours, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("adapted", ["untied_qv"], indirect=True)
+def test_cli_refuses_more_checks_than_held_out_quotes_before_writing(adapted, tmp_path):
+    _, _, _, run = adapted
+    quotes = write_quotes(tmp_path / "quotes.jsonl")
+    result = run_cli("--adapter", run, "--format", "merged", "--out", tmp_path / "m",
+                     "--data", quotes, "--check", 5)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"python -m export: error: --data {quotes}: the validation split (val_fraction 0.1) "
+        "holds 2 quotes, fewer than 5"]
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--format", "peft", "--dtype", "float16"], "--dtype is for --format merged; "
                                                  "--format peft takes no dtype"),
