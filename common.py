@@ -243,8 +243,8 @@ class LineFile:
 
 
 class Clock:
-    """train.py's speed and progress line, for one epoch. On a terminal one line is rewritten in place
-    after every step; in a log file a line after the first step, then one at least every
+    """train.py's speed and progress line, for one epoch. On a terminal one line is rewritten in
+    place after every step; in a log file a line after the first step, then one at least every
     EVERY seconds, and the epoch's last step: a slow CPU still shows it is alive."""
     EVERY = 30.0
 

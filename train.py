@@ -59,7 +59,8 @@ def parse_args(argv=None):
     add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
     add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
         "fused kernel; written: llama.attention(), the formula step by step (slower)")
-    add("--lr", type=positive(float), default=1e-3, help="AdamW learning rate of the LoRA weights")
+    add("--lr", type=positive(float), default=5e-4,
+        help="AdamW learning rate of the LoRA weights (docs/recipe.md: why 5e-4)")
     add("--max-steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (counted from the run's start, also on "
         "--resume); default: all of --epochs")

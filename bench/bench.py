@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--r", type=positive(int), default=8, help="LoRA rank")
     p.add_argument("--alpha", type=positive(float), default=0.125,
                    help="our alpha; PEFT's lora_alpha is alpha * r")
-    p.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=positive(float), default=5e-4,
+                   help="AdamW learning rate (train.py's)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma list of Linear names to adapt")
     p.add_argument("--max-len", type=positive(int), default=256,

@@ -189,7 +189,7 @@ def test_overwrite_moves_the_old_run_aside(setup, run_copy, capsys):
     assert [r["step"] for r in metrics(out, "step")] == [1]  # the new run
 
 
-@pytest.mark.parametrize("flag, old, new", [("--lr", 0.001, 0.01), ("--max-len", 64, 32)])
+@pytest.mark.parametrize("flag, old, new", [("--lr", 0.0005, 0.01), ("--max-len", 64, 32)])
 def test_resume_with_other_settings_is_refused_naming_the_flag(
         setup, run_copy, capsys, flag, old, new):
     out, before = run_copy

@@ -66,7 +66,8 @@ def three_dtypes(setup, tmp_path_factory):
     outs = {}
     for dtype in ("float32", "bfloat16", "float16"):
         outs[dtype] = tmp_path_factory.mktemp(dtype) / "out"
-        assert train.main(run_args(setup, outs[dtype], dtype)) == 0
+        # lr 1e-3: these 15 tiny steps must move the loss well past rounding
+        assert train.main(run_args(setup, outs[dtype], dtype) + ["--lr", "1e-3"]) == 0
     return outs
 
 
