@@ -45,17 +45,15 @@ class LlamaConfig:
 
     @classmethod
     def from_dir(cls, model_dir):
-        """From a model folder's config.json (and generation_config.json's eos ids): hub.py reads
-        both files, with their spellings and checks (ValueError for a model not written here)."""
+        """From a model folder's config.json and generation_config.json, read by hub.py
+        (ValueError for a variant this file does not implement, e.g. hidden_act not silu)."""
         return cls(**hub.read_config(model_dir))
 
 
 def autocast(device, dtype):
     """The context to run the model in: matmuls in the low-precision dtype (bf16, float16),
     reductions (norms, softmax, loss) in float32; nothing to do for float32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype)
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -84,8 +82,13 @@ def rope_inv_freq(config):
     """Rotation speed of each pair of head dimensions, (head_dim/2,) float32 (RoFormer, Su et al.
     2021, eq. 15: theta_i = base^(-2i/d)).
 
-    Llama-3 stretches the slow (long-wavelength) rotations by `factor` so the model reaches past
-    the context it was pre-trained on, keeps the fast ones, and blends the band in between."""
+    Llama-3.1 and 3.2 stretch the slow rotations so the model reaches past the context it was
+    pre-trained on (config.json's rope_scaling; the rule of Meta's reference code, `apply_scaling`
+    in llama-models, which transformers' `_compute_llama3_parameters` follows). A pair whose
+    wavelength 2 pi / theta_i is longer than original_max_position_embeddings / low_freq_factor
+    (8192 / 1 positions for Llama-3.2) turns `factor` (32) times slower; one shorter than
+    original_max_position_embeddings / high_freq_factor (8192 / 4) keeps its speed; in between,
+    the two speeds are blended linearly in old_len / wavelength."""
     d = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     s = config.rope_scaling
@@ -243,8 +246,8 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.name_or_path, self.model_dir = None, None
         # Activation checkpointing, off by default: the backward pass keeps only each layer's input
-        # and runs the layer's forward again. Activations shrink to about a tenth; a LoRA step
-        # (forward, then a backward with no weight gradients, about as long) takes ~1.5x the time.
+        # and runs the layer's forward again: fewer activations kept, one more forward pass in
+        # the backward (docs/speed.md measures both).
         self.recompute = False
 
     def set_attention(self, kind):
@@ -266,7 +269,7 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if attn_mask is None and start > 0 and T > 1:  # new queries see the cache and their past
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device)
-            attn_mask = attn_mask.tril(start)  # (T, S)
+            attn_mask = attn_mask.tril(start)  # (T, S): broadcasts as (B, 1, T, S)
         x = self.model.embed_tokens(tokens)  # (B, T, d)
         device = tokens.device.type  # q and k come out in autocast's dtype if it is on
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -292,11 +295,10 @@ class Llama(nn.Module):
         h = self.hidden_states(tokens, positions, cache, attn_mask)
         if targets is not None:
             logits_at = targets != IGNORE_INDEX
-            targets = targets[logits_at]  # (N,)
         if logits_at is not None:
             h = h[logits_at]  # (N, d)
         if targets is not None:
-            return self.loss_sum(h, targets)
+            return self.loss_sum(h, targets[logits_at])  # targets (N,)
         return self.lm_head(h)
 
     def loss_sum(self, h, targets):
@@ -344,8 +346,8 @@ def generate(model, prompts, max_new_tokens=32, eos_ids=None, pick=greedy):
     tokens alone."""
     device = model.inv_freq.device
     valid, positions = left_padded(prompts, max_new_tokens, device)  # (B, S)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), 0 on the pads
+    P = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=device)  # (B, P), 0: pads
     tokens[valid[:, :P]] = torch.tensor([t for p in prompts for t in p], device=device)
     # A real token sees the real tokens up to itself. A pad sees only the pads (all on its left):
     # a query that sees nothing would make softmax divide by zero, and its NaN reach the cache.
@@ -374,8 +376,8 @@ def decode(model, logits, cache, valid, positions, eos_ids=None, pick=greedy):
     """A token a step, the prompts already in `cache` (P = cache.length columns). logits
     (B, vocab) follow each prompt; valid and positions (B, S) as left_padded() made them."""
     eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
-    B, P = valid.shape[0], cache.length
-    steps = valid.shape[1] - P
+    (B, S), P = valid.shape, cache.length
+    steps = S - P
     out = torch.zeros(B, steps, dtype=torch.long, device=valid.device)
     done = torch.zeros(B, dtype=torch.bool, device=valid.device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=valid.device)
@@ -393,7 +395,5 @@ def decode(model, logits, cache, valid, positions, eos_ids=None, pick=greedy):
 
 def until_eos(ids, eos_ids):
     """ids up to the first eos id, which is left out."""
-    for i, tok in enumerate(ids):
-        if tok in eos_ids:
-            return ids[:i]
-    return ids
+    ends = [i for i, tok in enumerate(ids) if tok in eos_ids]
+    return ids[:ends[0]] if ends else ids

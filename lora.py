@@ -265,7 +265,7 @@ def read_adapter(path):
     Raises FileNotFoundError, or ValueError naming the file (another format, damaged metadata,
     a tensor that is no A or B of rank r)."""
     path = Path(path)
-    if not path.exists():  # --adapter takes either: say so (docs/errors.md, row 22)
+    if not path.exists():  # --adapter takes either: say so
         raise FileNotFoundError(f"{path}: no such adapter file or folder")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         raise ValueError(f"{path}: a PEFT adapter folder; export/peft.py reads it")
@@ -323,7 +323,8 @@ def load_adapter(model, adapter, alpha=None, expected_base=None):
 def check_fits(model, tensors, meta):
     """The Linear names the adapter adapts, once each fits: the base's shape, the model's LoRA
     modules if it has some, every A and B's shape, and any copy of a base weight the adapter
-    carries (meta["base_weights"], PEFT's lm_head) equal to the model's own."""
+    carries equal to the model's own (meta["base_weights"]: export/peft.py reads PEFT files
+    that hold a copy of lm_head or the embeddings)."""
     base = fingerprint(model)
     for k, v in meta["base_config"].items():
         if k in base and base[k] != v:

@@ -93,7 +93,7 @@ def parse_args(argv=None):
         help="compute dtype")
     add("--kernels", action="store_true", help="generate with the speed chapter (speed/): "
         "prompts read packed, one-query attention on the CPU; the same tokens, faster")
-    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
+    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # plain: the default
     add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
         "fused kernel; written: llama.attention(), the formula step by step")
     args = p.parse_args(argv)

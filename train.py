@@ -56,7 +56,7 @@ def parse_args(argv=None):
         "input only, run the layer again in the backward pass")
     add("--kernels", action="store_true", help="train with the speed chapter (speed/kernels.py): "
         "hand-written backward passes, the same results up to rounding in less time and memory")
-    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
+    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # plain is the default
     add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
         "fused kernel; written: llama.attention(), the formula step by step (slower)")
     add("--lr", type=positive(float), default=5e-4,
@@ -85,7 +85,8 @@ def parse_args(argv=None):
     add("--checkpoint-every", type=positive(int), default=100,
         help="also checkpoint every N steps")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-        "with its settings from run.json (a flag given again must agree)")
+        "with its settings from run.json (a flag given again must agree, except --epochs and "
+        "--max-steps, which may change)")
     add("--overwrite", action="store_true",
         help="start over in --out; the old run is moved aside, not deleted")
     add("--plot", action="store_true", help="write loss.png into --out (needs matplotlib)")
@@ -135,7 +136,8 @@ def train(args):
     if ddp and device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process
     checkpoint.check_out(args)
-    length = checkpoint.take_run_settings(args, args.given)  # --resume: the run's own settings
+    # --resume: the run's own settings; resumed_length says which --epochs/--max-steps it uses
+    resumed_length = checkpoint.take_run_settings(args, args.given)
     dtype, why = dtype_choice(args.dtype, device)  # why: for the run's first line
     args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it
     checkpoint.check_compute_dtype(args)
@@ -171,8 +173,8 @@ def train(args):
     pad_id = tokenizer.eos_id  # any id: padded positions are never attended to nor supervised
     if master:
         say(summary(args, model, info, device, dtype, why, world))
-        if length:
-            say(f"resuming with the run's settings from {args.out}/run.json; {length}")
+        if resumed_length:
+            say(f"resuming with the run's settings from {args.out}/run.json; {resumed_length}")
         checkpoint.prepare_out(args)  # the first write into --out
 
     stop = {"signal": None}  # Ctrl-C or SIGTERM: finish the step, checkpoint, leave
@@ -194,7 +196,7 @@ def train(args):
     def val_loss():  # plain cross-entropy per tag token on the held-out quotes; rank 0 alone
         return validation_loss(raw_model, val_set, args.batch_size, pad_id, device, dtype)
 
-    def save(epoch, batches_done, best_too=False):
+    def save(epoch, batches_done, best_too=False):  # step, alpha, best: the loop's, at the call
         if master:
             position = dict(epoch=epoch, batches_done=batches_done, step=step, alpha=alpha,
                             skipped_steps=skipped_steps, best=best)

@@ -18,7 +18,7 @@ from anatomy import update_anatomy
 from export.peft import export_peft
 from lora import LoraModule, add_lora, lora_modules, save_adapter
 from tiny import randomize_b
-from tiny_run import ROOT, one_torch_thread
+from tiny_run import HANG, ROOT, one_torch_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,7 +163,7 @@ def adapter(base_models, tiny_dirs, tmp_path_factory):
 def inspect(*argv):
     """python -m anatomy ARGV, as a user runs it from the repository."""
     return subprocess.run([sys.executable, "-m", "anatomy", *map(str, argv)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG)
 
 
 def test_cli_json_gives_each_modules_numbers_from_the_adapter_tensors(adapter):
@@ -274,7 +274,7 @@ def test_lora_py_run_as_a_command_points_to_python_m_anatomy():
     """lora.py is the lesson, no command any more: `python lora.py inspect` says where the
     anatomy went, in a few lines, with no traceback."""
     done = subprocess.run([sys.executable, "lora.py", "inspect", "out"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2 and done.stdout == ""
     assert "Traceback" not in done.stderr
     assert "python -m anatomy out     (what an adapter learned; was `lora.py inspect`)" in (

@@ -221,6 +221,7 @@ def test_json_line_has_the_three_sides_their_ratios_and_the_checks_pass(setup, c
                                      for what in ("first_loss", "training_result", "generations")}
     assert all(check["ok"] for check in result["checks"].values())
     assert result["generate"]["peft"]["same_completions_as_plain"] == "4/4"
+    assert result["generate"]["kernels"]["same_first_token_as_plain"] == "4/4"
 
 
 @pytest.mark.parametrize("plain", OURS)
@@ -291,3 +292,16 @@ def test_matmul_peak_grows_the_product_until_it_takes_50_ms(monkeypatch, device,
                         types.SimpleNamespace(perf_counter=lambda: clock[0]))
     assert measure.matmul_peak(device, torch.bfloat16) == pytest.approx(rate)
     assert tried == sizes
+
+
+def test_generations_agree_asks_whole_completions_in_float32_and_first_tokens_in_16_bit():
+    """Greedy completions that part after a near-tie: in float32 half must be identical, in a
+    16-bit dtype half must start with the same token."""
+    mine = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]]
+    parted = [[1, 2, 0], [4, 0, 0], [7, 8, 9], [2, 1, 1]]  # 1 identical, 3 same first token
+    assert bench_py.generations_agree(mine, parted, torch.float32) == (False, 1, 3)
+    assert bench_py.generations_agree(mine, parted, torch.bfloat16) == (True, 1, 3)
+    assert bench_py.generations_agree(mine, parted, torch.float16) == (True, 1, 3)
+    other = [[9, 2, 3], [9, 5, 6], [7, 8, 9], [2, 1, 1]]  # 1 identical, 1 same first token
+    assert bench_py.generations_agree(mine, other, torch.bfloat16) == (False, 1, 1)
+    assert bench_py.generations_agree(mine, mine, torch.float32) == (True, 4, 4)

@@ -22,7 +22,7 @@ from data import EXPECTED_FORMAT, prompt_text
 from export.peft import export_peft
 from llama import Llama
 from tiny import PLAIN_MHA_UNTIED, write_tiny_model
-from tiny_run import (PAIRS, RUN_FILES, hashes, metrics, one_torch_thread, popen_script,
+from tiny_run import (HANG, PAIRS, RUN_FILES, hashes, metrics, one_torch_thread, popen_script,
                       run_script, tiny_model, train_args, write_quotes)
 
 
@@ -285,14 +285,14 @@ def test_ctrl_c_while_loading_the_model_prints_no_traceback(setup, tmp_path, cap
 def test_a_signal_checkpoints_and_exits_128_plus_its_number(setup, tmp_path, sig):
     out = tmp_path / "out"
     proc = popen_script(["train.py", *train_args(*setup, out, "--epochs", 1000)])
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while proc.poll() is None and time.time() < deadline:
         if ((out / "metrics.jsonl").is_file()
                 and '"kind": "step"' in (out / "metrics.jsonl").read_text()):
             break  # the first step is done
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 128 + sig
     step = metrics(out, "step")[-1]["step"]
     assert last_line(err) == (f"stopped by {sig.name} at step {step}; checkpoint saved in {out}, "

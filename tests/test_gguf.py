@@ -27,7 +27,7 @@ from export.gguf_lora import ADAPTER_GGUF, export_lora_gguf, read_lora_gguf
 from export.merged import merged_tensors
 from llama import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, TOKENS, randomize_b, write_tiny_model
-from tiny_run import write_quotes
+from tiny_run import HANG, write_quotes
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # LoRA on every Linear of a tied Llama-3-shaped model; on some of an untied one
@@ -253,7 +253,7 @@ def test_a_lora_on_a_tied_head_is_refused_naming_targets(base_models, tmp_path):
 def run(*args, module="export", code=None):
     """A command as a user runs it: python -m module args (or python -c code args)."""
     argv = [sys.executable, *(["-c", code] if code else ["-m", module]), *map(str, args)]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=HANG,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

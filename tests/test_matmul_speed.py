@@ -12,14 +12,14 @@ import torch
 
 from bench import matmul_speed
 from gpu_check import parity
-from tiny_run import ROOT
+from tiny_run import HANG, ROOT
 
 
 @pytest.mark.parametrize("dtypes, bad", [("bf16", "bf16"), ("float32,fp16", "fp16"),
                                          ("float32,", "")])
 def test_an_unknown_dtype_is_refused_in_one_line_naming_the_flag(dtypes, bad):
     done = subprocess.run([sys.executable, "-m", "bench.matmul_speed", "--dtypes", dtypes],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2 and done.stdout == ""  # refused before the first product
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == (

@@ -19,7 +19,7 @@ import lora
 from export.merged import DEFAULT_DTYPE, export_merged, merged_tensors, update_lost
 from llama import Llama
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, randomize_b, write_tiny_model
-from tiny_run import TOKENS, hf_logits, write_quotes
+from tiny_run import HANG, TOKENS, hf_logits, write_quotes
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # the method's every Linear on a tied lm_head, and a subset on an untied one
@@ -125,7 +125,7 @@ def test_a_bf16_merge_loses_part_of_an_update_on_smollm2_and_float32_none(smollm
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=HANG,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

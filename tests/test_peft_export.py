@@ -21,7 +21,7 @@ from export.peft import export_peft, import_peft
 from llama import Llama
 from lora import add_lora, lora_modules, lora_parameters, save_adapter
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
-from tiny_run import TIED_WARNING, TOKENS, hf_logits
+from tiny_run import HANG, TIED_WARNING, TOKENS, hf_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # which model, which layers: the method's every-Linear on a tied lm_head, and a subset
@@ -162,7 +162,7 @@ def test_export_refuses_a_non_empty_out_dir(trained, tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG)
 
 
 @pytest.mark.parametrize("trained", ["untied_qv"], indirect=True)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import lora
 import train
-from tiny_run import (RUN_FILES, STEPS_PER_EPOCH, TOTAL_STEPS, adapter, hashes, metrics,
+from tiny_run import (HANG, RUN_FILES, STEPS_PER_EPOCH, TOTAL_STEPS, adapter, hashes, metrics,
                       popen_script, run_script, same_tensors, three_epoch_args, train_args)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
@@ -76,12 +76,12 @@ def test_resume_after_sigkill_is_bit_for_bit(setup, three_epochs, tmp_path):
     out = tmp_path / "out"
     args = three_epoch_args(setup, out, "--plot", "--checkpoint-every", 2)
     proc = popen_script(["-c", SLOW_STEPS, *args])
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while (not (out / checkpoint.CHECKPOINT).exists() and proc.poll() is None
            and time.time() < deadline):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG)
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
     killed_at = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)["step"]
     assert killed_at < TOTAL_STEPS

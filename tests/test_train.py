@@ -21,7 +21,7 @@ import lora
 import train
 from data import QuoteTokenizer, collate, make_sample
 from llama import Llama
-from tiny_run import (PAIRS, ROOT, RUN_FILES, TOTAL_STEPS, adapter, hashes, metrics, run_script,
+from tiny_run import (HANG, PAIRS, ROOT, RUN_FILES, TOTAL_STEPS, adapter, hashes, metrics, run_script,
                       same_tensors, train_args, write_quotes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
@@ -258,7 +258,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(setup, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     both = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
-                       ROOT / "train.py", *flags(tmp_path / "ddp")], cwd=cwd, timeout=300)
+                       ROOT / "train.py", *flags(tmp_path / "ddp")], cwd=cwd, timeout=HANG)
     assert both.returncode == 0, both.stderr[-3000:]
     assert "all 2 processes end with the same adapter" in both.stderr
     assert train.main(flags(tmp_path / "single", "--grad-accum", 2)) == 0
@@ -387,7 +387,7 @@ def test_under_torchrun_a_finished_run_exits_0_whatever_the_teardown_does(setup,
     wrapper.write_text(ABORTING_TEARDOWN.format(train=str(ROOT / "train.py")))
     out = tmp_path / "out"
     done = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
-                       wrapper, *train_args(*setup, out, "--max-steps", 1)], timeout=300)
+                       wrapper, *train_args(*setup, out, "--max-steps", 1)], timeout=HANG)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all 2 processes end with the same adapter" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("reached --max-steps 1")

@@ -99,7 +99,12 @@ def _command(argv):
     return [sys.executable, *script, *map(str, argv[1:])], env
 
 
-def run_script(argv, cwd=ROOT, timeout=180, **kwargs):
+# Seconds before a child process counts as hung. A guard, not a speed budget: a loaded 2-core
+# machine can run a step ten times slower than an idle one, and a test must not fail for that.
+HANG = 1200
+
+
+def run_script(argv, cwd=ROOT, timeout=HANG, **kwargs):
     """Run a Python command line in a fresh interpreter."""
     command, env = _command(argv)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
