@@ -231,7 +231,8 @@ def batches(samples: list[dict], batch_size: int, pad_id: int, shuffle: bool = T
     """Yield batches of up to batch_size samples (see collate) covering every sample exactly
     once; deterministic for (seed, epoch).
 
-    Samples run from 11 to 906 tokens, so random batches would be mostly padding. We shuffle, cut
+    Quotes run from 11 to 906 tokens (Llama-3.2's tokenizer, before --max-len cuts them), so random
+    batches would be mostly padding. We shuffle, cut
     the order into pools of POOL_BATCHES batches, sort each pool by length, cut it into batches and
     shuffle the batches: neighbours have similar lengths, yet every epoch mixes differently.
     With shuffle=False the samples come in their given order (for evaluation)."""

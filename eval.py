@@ -1,5 +1,5 @@
 """Score an adapter on held-out quotes: validation loss on tag tokens, and tag precision / recall /
-F1 of greedy sample.py completions against the true tags.
+F1 of greedy completions (sample.py's, without sampling) against the true tags.
 
     python eval.py --adapter out               # the adapter train.py wrote
     python eval.py --no-adapter --model M      # the base model, for the "before" row

@@ -232,6 +232,7 @@ def train(args):
             loss_sum = torch.zeros((), device=device)
             for k, micro in enumerate(data.split_rows(batch, args.grad_accum)):
                 if ddp:  # average the gradients over the processes after the last micro-step
+                    # (the flag DDP's no_sync() context sets; nanoGPT sets it the same way)
                     model.require_backward_grad_sync = k == args.grad_accum - 1
                 micro = {key: v.to(device) for key, v in micro.items()}
                 with autocast(device, dtype):
