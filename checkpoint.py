@@ -1,7 +1,7 @@
 """What a training run leaves in its --out folder, as plain functions train.py calls.
 
-    out/run.json                the settings (RUN_FLAGS, and --epochs / --max-steps); --resume
-                                takes them from here
+    out/run.json                the settings (RUN_FLAGS and KEPT_FLAGS); --resume takes them
+                                from here
     out/checkpoint.pt           the last adapter, AdamW moments, position in the data, RNG states,
                                 float16's loss scale, the best validation loss: resume bit for bit
     out/adapter.safetensors     the adapter of the best validation loss so far (before the first
@@ -35,10 +35,12 @@ from common import DEFAULT_OUT, can_plot, pyplot, save_figure, say
 CHECKPOINT = "checkpoint.pt"
 LAST_ADAPTER = "adapter-last.safetensors"
 # Flags that define a run: --resume takes them from run.json, and refuses one given otherwise.
-RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "grad_accum", "lr",
-             "targets", "init", "loss", "dtype", "seed", "val_fraction", "max_len")
-# Flags that only say how far to train: --resume keeps the run's unless given again.
-LENGTH_FLAGS = ("epochs", "max_steps")
+RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "lr", "targets",
+             "init", "loss", "dtype", "seed", "val_fraction", "max_len")
+# Flags that leave each step's arithmetic as it is: how far to train, and into how many pieces a
+# batch is cut to save memory (--grad-accum: the same gradient, summed in another order). --resume
+# keeps the run's unless given again, so a run that ran out of memory goes on with more pieces.
+KEPT_FLAGS = ("epochs", "max_steps", "grad_accum")
 
 
 # ----------------------------------------------------------------------------- whole or not at all
@@ -100,7 +102,7 @@ def read_run(out):
 
 def take_run_settings(args, given):
     """--resume: every RUN_FLAGS flag not `given` on the command line takes run.json's value, and
-    --epochs and --max-steps too (the run's length). A given flag that differs from the run is
+    the KEPT_FLAGS too (a given one wins). A given RUN_FLAGS flag that differs from the run is
     refused, named. Returns a line saying how long the run goes, or None without --resume."""
     if not args.resume:
         return None
@@ -119,13 +121,14 @@ def take_run_settings(args, given):
         raise ValueError(f"--resume: {args.out} holds a run with other settings: "
                          f"{', '.join(changed)}; leave the flags out to take the run's")
     said = []
-    for k in LENGTH_FLAGS:
+    for k in KEPT_FLAGS:
         flag = f"--{k.replace('_', '-')}"
-        if k in given or k not in run:  # a run.json before 2026-12 has neither
+        if k in given or k not in run:  # an older run.json lacks --epochs and --max-steps
             said.append(f"{flag} {getattr(args, k)}" + (" (given)" if k in given else ""))
         else:
             setattr(args, k, run[k])
-            said.append(f"{flag} {run[k]} (the run's)")
+            if k != "grad_accum":  # said only when given: it changes no number
+                said.append(f"{flag} {run[k]} (the run's)")
     return ", ".join(said)
 
 
@@ -190,7 +193,7 @@ def prepare_out(args):
         out.rename(aside)
         print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    run = {k: getattr(args, k) for k in RUN_FLAGS + LENGTH_FLAGS}
+    run = {k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}
     run["compute_dtype"] = args.compute_dtype  # what --dtype auto chose on this machine
     text = json.dumps(run, indent=1)
     write_atomic(out / "run.json", lambda tmp: tmp.write_bytes(text.encode()))

@@ -85,8 +85,8 @@ def parse_args(argv=None):
     add("--checkpoint-every", type=positive(int), default=100,
         help="also checkpoint every N steps")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-        "with its settings from run.json (a flag given again must agree, except --epochs and "
-        "--max-steps, which may change)")
+        "with its settings from run.json (a flag given again must agree, except --epochs, "
+        "--max-steps and --grad-accum, which may change)")
     add("--overwrite", action="store_true",
         help="start over in --out; the old run is moved aside, not deleted")
     add("--plot", action="store_true", help="write loss.png into --out (needs matplotlib)")
@@ -136,7 +136,7 @@ def train(args):
     if ddp and device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process
     checkpoint.check_out(args)
-    # --resume: the run's own settings; resumed_length says which --epochs/--max-steps it uses
+    # --resume: the run's own settings; resumed_length: the --epochs, --max-steps it goes on with
     resumed_length = checkpoint.take_run_settings(args, args.given)
     dtype, why = dtype_choice(args.dtype, device)  # why: for the run's first line
     args.compute_dtype = str(dtype).removeprefix("torch.")  # run.json keeps it
@@ -352,8 +352,9 @@ def main(argv=None):
                 or "can't allocate" in text):
             raise
         smaller = max(1, args.batch_size // 2)
+        more = f"--grad-accum {args.grad_accum * 2}"  # the same batch, in more pieces
         say(f"train.py: error: out of memory at --batch-size {args.batch_size}; try "
-            f"--batch-size {smaller} or --grad-accum {args.grad_accum * 2}")
+            + (f"--resume {more}" if args.resume else f"--batch-size {smaller} or {more}"))
         return 1
     finally:
         # main() may be called from Python (tests): hand the signals back

@@ -264,9 +264,22 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(
     monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
     code, err = main_of(train, capsys, train_args(*setup, out, "--resume", "--max-steps", 5))
     assert code == 1
+    # a resumed run keeps its --batch-size: the hint names the flag --resume takes
     assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
-                              "try --batch-size 2 or --grad-accum 2")
+                              "try --resume --grad-accum 2")
     unchanged_but_the_length(out, before, max_steps=5)
+
+
+def test_out_of_memory_in_a_new_run_offers_a_smaller_batch_too(setup, tmp_path, capsys,
+                                                               monkeypatch):
+    def forward_out_of_memory(*args):
+        raise OUT_OF_MEMORY["cuda"]
+
+    monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
+    code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--grad-accum", 2))
+    assert code == 1
+    assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
+                              "try --batch-size 2 or --grad-accum 4")
 
 
 def test_ctrl_c_while_loading_the_model_prints_no_traceback(setup, tmp_path, capsys, monkeypatch):

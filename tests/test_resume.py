@@ -231,6 +231,34 @@ def test_resume_refuses_a_flag_that_contradicts_the_run_and_takes_a_new_length(
     same_run(out, whole)
 
 
+def test_resume_takes_a_new_grad_accum_and_keeps_it(setup, three_epochs, tmp_path, capsys):
+    """--grad-accum cuts each batch into more pieces (the memory hint after an out-of-memory
+    error): --resume takes a new one, says so, keeps it in run.json for the next --resume, and
+    the run goes on with the same batches and the same gradients up to the order of additions.
+    Oracle: the uninterrupted run, loss for loss and A and B to float32 rounding."""
+    whole, _ = three_epochs
+    out = tmp_path / "out"
+    args = three_epoch_args(setup, out)
+    assert train.main(args + ["--max-steps", "7"]) == 0
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume", "--device", "cpu", "--grad-accum", "2",
+                       "--max-steps", "10"]) == 0
+    assert (f"resuming with the run's settings from {out}/run.json; --epochs 3 (the run's), "
+            "--max-steps 10 (given), --grad-accum 2 (given)") in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["grad_accum"] == 2
+    assert train.main(["--out", str(out), "--resume", "--device", "cpu",
+                       "--max-steps", str(TOTAL_STEPS)]) == 0
+    assert "--grad-accum" not in capsys.readouterr().err  # the run's, taken without a word
+    assert json.loads((out / "run.json").read_text())["grad_accum"] == 2
+    mine, theirs = ([r["loss"] for r in metrics(d, "step")] for d in (out, whole))
+    assert mine[:7] == theirs[:7]  # from step 8 on, the same sums in another order
+    assert mine == pytest.approx(theirs, rel=1e-5)
+    final, oracle = adapter(out, "adapter.safetensors"), adapter(whole, "adapter.safetensors")
+    assert final.keys() == oracle.keys()
+    for key in oracle:
+        torch.testing.assert_close(final[key], oracle[key], rtol=1e-4, atol=1e-6)
+
+
 def make_it_84e3aa9s(out):
     """Turn a run's --out folder into what commit 84e3aa9 wrote: checkpoint.pt without "best",
     run.json without epochs and max_steps and with init "seed" (random's old name), no
