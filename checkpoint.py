@@ -123,12 +123,17 @@ def take_run_settings(args, given):
     said = []
     for k in KEPT_FLAGS:
         flag = f"--{k.replace('_', '-')}"
-        if k in given or k not in run:  # an older run.json lacks --epochs and --max-steps
-            said.append(f"{flag} {getattr(args, k)}" + (" (given)" if k in given else ""))
-        else:
-            setattr(args, k, run[k])
-            if k != "grad_accum":  # said only when given: it changes no number
-                said.append(f"{flag} {run[k]} (the run's)")
+        if k in run and k not in given:
+            value = run[k]
+            positive = type(value) is int and value > 0
+            if not (positive or (k == "max_steps" and value is None)):
+                raise ValueError(f"{args.out}/run.json: {k} is {value!r}, not a positive int; "
+                                 f"give {flag} again")
+            setattr(args, k, value)
+        if k == "grad_accum" and k not in given:
+            continue  # said only when given: it changes no number
+        said.append(f"{flag} {getattr(args, k)} "  # an older run.json lacks --epochs, --max-steps
+                    + ("(given)" if k in given else "(the run's)" if k in run else "(default)"))
     return ", ".join(said)
 
 

@@ -193,8 +193,11 @@ def train(args):
     if ddp:  # averages the LoRA gradients over the processes in every backward pass
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
 
+    # Validation reads as many rows at once as a training piece, so --grad-accum bounds its memory
+    val_rows = math.ceil(args.batch_size / (world * args.grad_accum))
+
     def val_loss():  # plain cross-entropy per tag token on the held-out quotes; rank 0 alone
-        return validation_loss(raw_model, val_set, args.batch_size, pad_id, device, dtype)
+        return validation_loss(raw_model, val_set, val_rows, pad_id, device, dtype)
 
     def save(epoch, batches_done, best_too=False):  # step, alpha, best: the loop's, at the call
         if master:
@@ -294,6 +297,21 @@ def train(args):
 
 # ----------------------------------------------------------------------------- around the loop
 
+def out_of_memory_hint(args):
+    """What to run next: from a checkpoint, the same batch in more pieces or with the layers
+    recomputed (--resume takes both); with no checkpoint yet, a new start, a smaller batch too."""
+    rows = args.batch_size / (int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum)
+    tips = [f"--grad-accum {args.grad_accum * 2}"] if rows > 1 else []  # rows in a piece
+    tips += [] if args.recompute else ["--recompute"]  # keeps each layer's input only
+    resume = os.path.isfile(os.path.join(args.out, checkpoint.CHECKPOINT))
+    if not resume and args.batch_size > 1:
+        tips.insert(0, f"--batch-size {args.batch_size // 2}")
+    if not tips:
+        return "this run needs more memory"
+    either = ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
+    return ("go on with --resume and " if resume else "start over with --overwrite and ") + either
+
+
 def agreed_signal(stop, ddp, device):
     """The signal any process received, or None. A signal may reach the processes a step apart;
     they must all leave after the same step, or the ones still training wait forever."""
@@ -351,10 +369,8 @@ def main(argv=None):
         if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text
                 or "can't allocate" in text):
             raise
-        smaller = max(1, args.batch_size // 2)
-        more = f"--grad-accum {args.grad_accum * 2}"  # the same batch, in more pieces
-        say(f"train.py: error: out of memory at --batch-size {args.batch_size}; try "
-            + (f"--resume {more}" if args.resume else f"--batch-size {smaller} or {more}"))
+        say(f"train.py: error: out of memory at --batch-size {args.batch_size}; "
+            + out_of_memory_hint(args))
         return 1
     finally:
         # main() may be called from Python (tests): hand the signals back

@@ -4,6 +4,7 @@ problem (no traceback) and a non-zero exit status, and leave --out as it was.
 Exit status (train.py's docstring): 2 bad input, 1 training failed, 128 + signal when stopped.
 Oracles: the messages as written for users, and the sha256 of every file in --out before and after.
 """
+import argparse
 import json
 import re
 import shutil
@@ -266,7 +267,7 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(
     assert code == 1
     # a resumed run keeps its --batch-size: the hint names the flag --resume takes
     assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
-                              "try --resume --grad-accum 2")
+                              "go on with --resume and --grad-accum 2 or --recompute")
     unchanged_but_the_length(out, before, max_steps=5)
 
 
@@ -278,8 +279,31 @@ def test_out_of_memory_in_a_new_run_offers_a_smaller_batch_too(setup, tmp_path, 
     monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
     code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--grad-accum", 2))
     assert code == 1
-    assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; "
-                              "try --batch-size 2 or --grad-accum 4")
+    assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; start over "
+                              "with --overwrite and --batch-size 2, --grad-accum 4 or --recompute")
+
+
+@pytest.mark.parametrize("flags, world, checkpointed, hint", [
+    (dict(batch_size=8, grad_accum=1, recompute=False), 1, True,
+     "go on with --resume and --grad-accum 2 or --recompute"),
+    (dict(batch_size=8, grad_accum=8, recompute=False), 1, True,  # pieces of one row already
+     "go on with --resume and --recompute"),
+    (dict(batch_size=8, grad_accum=4, recompute=False), 2, True, "go on with --resume and "
+     "--recompute"),  # 2 processes: 8 / (2 * 4) rows
+    (dict(batch_size=8, grad_accum=8, recompute=True), 1, True, "this run needs more memory"),
+    (dict(batch_size=8, grad_accum=8, recompute=True), 1, False,
+     "start over with --overwrite and --batch-size 4"),
+    (dict(batch_size=1, grad_accum=1, recompute=True), 1, False, "this run needs more memory"),
+])
+def test_the_out_of_memory_hint_offers_only_what_can_help(tmp_path, monkeypatch, flags, world,
+                                                          checkpointed, hint):
+    """More pieces help only while a piece holds more than a row; --recompute only when it is
+    off; a smaller batch only where a new start is the way on (no checkpoint to resume)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    if checkpointed:
+        (tmp_path / "checkpoint.pt").write_bytes(b"")
+    args = argparse.Namespace(out=str(tmp_path), **flags)
+    assert train.out_of_memory_hint(args) == hint
 
 
 def test_ctrl_c_while_loading_the_model_prints_no_traceback(setup, tmp_path, capsys, monkeypatch):

@@ -259,6 +259,23 @@ def test_resume_takes_a_new_grad_accum_and_keeps_it(setup, three_epochs, tmp_pat
         torch.testing.assert_close(final[key], oracle[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("value", [0, -2, 2.5, "2", None])
+def test_resume_refuses_a_run_json_grad_accum_that_is_no_positive_int(setup, tmp_path, capsys,
+                                                                      value):
+    """A hand-edited run.json: one line naming the file and the field, exit 2, no file changed."""
+    out = tmp_path / "out"
+    assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "grad_accum": value}))
+    before = hashes(out)
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "4"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: error: {out}/run.json: grad_accum is {value!r}, not a positive int; give "
+        "--grad-accum again"]
+    assert hashes(out) == before
+
+
 def make_it_84e3aa9s(out):
     """Turn a run's --out folder into what commit 84e3aa9 wrote: checkpoint.pt without "best",
     run.json without epochs and max_steps and with init "seed" (random's old name), no
@@ -293,7 +310,7 @@ def test_a_run_written_by_84e3aa9_resumes_bit_for_bit(setup, three_epochs, tmp_p
     assert train.main(three_epoch_args(setup, out, "--resume", "--init", "seed")) == 0
     err = capsys.readouterr().err.splitlines()
     assert (f"resuming with the run's settings from {out}/run.json; --epochs 3 (given), "
-            "--max-steps None") in err
+            "--max-steps None (default)") in err
     same_run(out, whole)
     assert [r["step"] for r in metrics(out, "eval")] == [0, 5, 10, 15]
     assert json.loads((out / "run.json").read_text())["init"] == "random"
@@ -301,13 +318,13 @@ def test_a_run_written_by_84e3aa9_resumes_bit_for_bit(setup, three_epochs, tmp_p
 
 def test_a_run_json_of_84e3aa9_without_epochs_takes_the_default(setup, tmp_path, capsys):
     """--resume alone on a folder of the previous version: --epochs is train.py's default (3),
-    said without "(the run's)"."""
+    said so."""
     out = tmp_path / "out"
     assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
     make_it_84e3aa9s(out)
     assert train.main(["--out", str(out), "--resume", "--device", "cpu", "--max-steps", "3"]) == 0
-    assert (f"resuming with the run's settings from {out}/run.json; --epochs 3, --max-steps 3 "
-            "(given)") in capsys.readouterr().err.splitlines()
+    assert (f"resuming with the run's settings from {out}/run.json; --epochs 3 (default), "
+            "--max-steps 3 (given)") in capsys.readouterr().err.splitlines()
     assert json.loads((out / "run.json").read_text())["epochs"] == 3
 
 

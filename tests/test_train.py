@@ -197,6 +197,26 @@ def test_grad_accumulation_equals_one_big_batch(setup, tmp_path):
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
 
 
+def test_validation_reads_as_many_rows_at_once_as_a_training_piece(setup, tmp_path,
+                                                                    monkeypatch):
+    """--grad-accum bounds validation's memory too: its batches hold batch_size / grad_accum
+    rows. The loss stays the same mean over the same tag tokens (oracle: the run without
+    --grad-accum, to float32 rounding)."""
+    rows, real = [], train.validation_loss
+
+    def recording(model, samples, batch_size, *args):
+        rows.append(batch_size)
+        return real(model, samples, batch_size, *args)
+
+    monkeypatch.setattr(train, "validation_loss", recording)
+    for accum in (1, 4):
+        out = tmp_path / f"accum{accum}"
+        assert train.main(train_args(*setup, out, "--max-steps", 1, "--grad-accum", accum)) == 0
+    assert rows == [4, 1]  # batches of 4 quotes (train_args), in 1 and in 4 pieces
+    before = [metrics(tmp_path / f"accum{a}", "eval")[0]["val_loss"] for a in (1, 4)]
+    assert before[1] == pytest.approx(before[0], rel=1e-6)
+
+
 def test_recompute_trains_the_same_adapter(setup, tmp_path):
     """Activation checkpointing changes what is kept, not the arithmetic: the layers run again."""
     import llama
