@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -352,13 +351,10 @@ def load(args, adapter, device, dtype, prog, read_adapter=lora.read_adapter):
     model = Llama.from_pretrained(name, dtype=dtype, device=device)
     model.set_attention(args.attention)
     if adapter:
-        with warnings.catch_warnings(record=True) as caught:  # one line each, not file:line
-            warnings.simplefilter("always")
-            lora.load_adapter(model, (tensors, meta), alpha=args.alpha, expected_base=name)
-        for warning in caught:
-            # lora.py names an adapter given as tensors "the adapter": the path says it here
-            message = str(warning.message).removeprefix("the adapter: ")
-            print(f"{prog}: warning: {adapter}: {message}", file=sys.stderr)
+        lora.load_adapter(model, (tensors, meta), alpha=args.alpha)  # the shapes must fit
+        if meta["base_model"] != name:  # a warning: one model goes by many names (id, a copy)
+            print(f"{prog}: warning: {adapter}: trained on {meta['base_model']!r}, loading into "
+                  f"{name!r}", file=sys.stderr)
     return model, QuoteTokenizer.from_model_dir(model.model_dir)
 
 

@@ -33,11 +33,8 @@ put them back: save_adapter, read_adapter, load_adapter at the end of this file.
 the merged and GGUF exports are a chapter of their own (export/).
 """
 import json
-import math
 import numbers
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -149,7 +146,7 @@ def wrap_linears(model, names, r, alpha, init):
     for p in model.parameters():  # embeddings and norms too: only A and B train
         p.requires_grad_(False)
     for name in names:  # in model order, so the same RNG state gives the same A and B
-        _set_submodule(model, name, LoraModule(model.get_submodule(name), r, alpha, init))
+        model.set_submodule(name, LoraModule(model.get_submodule(name), r, alpha, init))
 
 
 def set_alpha(model, alpha):
@@ -170,16 +167,11 @@ def merge_lora(model):
         # A new Parameter, not an in-place edit: when lm_head shares its weight with
         # embed_tokens, editing it in place would also change the embeddings. This unties them.
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
     config = getattr(model, "config", None)
     if "lm_head" in modules and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
     return list(modules)
-
-
-def _set_submodule(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def lora_modules(model):
@@ -224,9 +216,7 @@ def fingerprint(model):
 
 def adapter_of_model(model):
     """(tensors keyed like model.layers.0.self_attn.q_proj.lora_module.0.weight, metadata)."""
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("the model has no LoRA modules: nothing to save")
+    tensors, modules = lora_state_dict(model), lora_modules(model)  # ValueError without LoRA
     first = next(iter(modules.values()))
     if any((m.r, m.alpha) != (first.r, first.alpha) for m in modules.values()):
         raise ValueError("LoRA modules differ in r or alpha; "
@@ -234,7 +224,7 @@ def adapter_of_model(model):
     meta = dict(r=first.r, alpha=first.alpha, init=first.init, base_config=fingerprint(model),
                 targets=sorted({n.rsplit(".", 1)[-1] for n in modules}),
                 base_model=str(getattr(model, "name_or_path", None) or ""))
-    return lora_state_dict(model), meta
+    return tensors, meta
 
 
 def save_adapter(model, path, base_model: str):
@@ -249,14 +239,13 @@ def save_adapter(model, path, base_model: str):
     metadata = dict(format=FORMAT, r=str(meta["r"]), alpha=repr(meta["alpha"]), init=meta["init"],
                     targets=",".join(meta["targets"]), base_model=base_model,
                     base_config=json.dumps(meta["base_config"]))  # metadata is str -> str
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp")  # beside it: os.replace is atomic there
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.chmod(tmp, 0o644)  # safetensors makes its files private
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -296,19 +285,15 @@ def read_adapter(path):
     return tensors, meta
 
 
-def load_adapter(model, adapter, alpha=None, expected_base=None):
+def load_adapter(model, adapter, alpha=None):
     """Put an adapter into the model, adding LoRA modules if it has none yet. adapter: a path
     (read_adapter) or (tensors, metadata) already read (export/peft.py reads PEFT's). alpha
     overrides the saved one. Returns the metadata. ValueError, before the model is touched, for
-    an adapter that does not fit it (naming the first misfit)."""
+    an adapter that does not fit it (naming the first misfit): the shapes decide, not the base's
+    name in the metadata, since the same weights go by many names (hub id, a local copy)."""
     if alpha is not None:
         check_alpha(alpha)
     tensors, meta = read_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
-    if expected_base is not None and meta["base_model"] != expected_base:
-        # Warn, not refuse: the same weights go by many names (hub id, a local copy's path);
-        # the shapes, checked next, are what must match.
-        warnings.warn(f"{adapter if isinstance(adapter, (str, Path)) else 'the adapter'}: "
-                      f"trained on {meta['base_model']!r}, loading into {expected_base!r}")
     names = check_fits(model, tensors, meta)
     if not lora_modules(model):
         wrap_linears(model, names, meta["r"], meta["alpha"], meta["init"])
@@ -391,13 +376,10 @@ def check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError("alpha must be a real number (int or float), "
                         f"got {type(alpha).__name__} {alpha!r}")
-    try:
-        value = float(alpha)
-    except OverflowError:  # an int past float range
-        value = math.inf
-    if not math.isfinite(value) or value < 0:  # alpha = 0 is meaningful: the adapter is off
+    # Compared exactly, so NaN, inf and an int past float's range all fail; 0 turns the adapter off
+    if not 0 <= alpha <= torch.finfo(torch.float64).max:
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
-    return value
+    return float(alpha)
 
 
 def check_init(init):

@@ -14,24 +14,25 @@ second over the best matmul speed measured in this very run on the same device a
 Before any number counts, the two sides must agree: the same loss on the first batch, and a
 validation loss after the timed steps within noise of each other (the checks at the end). The two
 sides and their step live in bench/sides.py, the FLOP count, matmul peak, peak memory and step
-statistics in bench/measure.py; this file times, measures and reports.
+statistics in bench/measure.py, the timed generation in bench/generation.py; this file times,
+measures and reports.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
 import data
 import lora
+from bench.generation import generations_agree, time_generation
 from bench.measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_memory, summarize,
-                           sync, train_flops)
+                           train_flops)
 from bench.sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
-from common import HelpFormatter, autocast, dtype_choice, pick_device, positive, seed
+from common import HelpFormatter, dtype_choice, pick_device, positive, seed
 from hub import resolve_model_dir
 
 SIDES = ("plain", "kernels", "peft")
@@ -142,31 +143,6 @@ def measure_memory(args, which, batch_ids):
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {which} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ----------------------------------------------------------------------------- generation
-
-def time_generation(sides, prompts, args, device, dtype):
-    """Greedy tags for held-out quotes, batched like sample.py (sorted by length). Sides alternate
-    batch by batch. Returns {side: (new tokens, seconds, completions)}."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks = [order[i:i + args.gen_batch_size] for i in range(0, len(order), args.gen_batch_size)]
-    stats = {s.name: [0, 0.0, [None] * len(prompts)] for s in sides}
-    for s in sides:  # one untimed batch each: first-call costs are not generation speed
-        with autocast(device, dtype):
-            s.generate([prompts[i] for i in chunks[0]], 2, args.gen_ignore_eos)
-    for k, chunk in enumerate(chunks):
-        for s in sides if k % 2 == 0 else sides[::-1]:
-            sync(device)
-            t0 = time.perf_counter()
-            with autocast(device, dtype):
-                new = s.generate([prompts[i] for i in chunk], args.gen_tokens, args.gen_ignore_eos)
-            sync(device)
-            stats[s.name][1] += time.perf_counter() - t0
-            stats[s.name][0] += sum(len(ids) for ids in new)
-            for i, ids in zip(chunk, new):
-                stats[s.name][2][i] = ids
-    return stats
 
 
 # ----------------------------------------------------------------------------- the run
@@ -345,17 +321,6 @@ def bench_generation(sides, prompts, args, device, dtype, result):
         check(f"same_generations_{first.name}_{side.name}", ok,
               f"{same}/{n} completions identical, {same_first}/{n} same first token",
               result["checks"])
-
-
-def generations_agree(mine, theirs, dtype):
-    """(ok, identical completions, same first tokens) of two lists of token id lists.
-    Greedy decoding turns a near-tie between two tokens into another completion from there on.
-    A 16-bit dtype makes near-ties common (random weights' flat logits most: the Llama-3.2-1B
-    shape gave 16/16 identical completions in float32, 6/16 in bf16), so there half the first
-    tokens, each an argmax of the same logits, must agree; in float32 half the completions."""
-    same = sum(a == b for a, b in zip(mine, theirs))
-    same_first = sum(a[:1] == b[:1] for a, b in zip(mine, theirs))
-    return (same if dtype == torch.float32 else same_first) >= 0.5 * len(mine), same, same_first
 
 
 def report(result, names):

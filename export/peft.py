@@ -121,9 +121,9 @@ def read_any(path):
     return lora.read_adapter(path)
 
 
-def import_peft(model, peft_dir, alpha=None, expected_base=None):
+def import_peft(model, peft_dir, alpha=None):
     """Put a PEFT adapter into the model (lora.load_adapter); returns its metadata."""
-    meta = lora.load_adapter(model, read_peft(peft_dir), alpha, expected_base)
+    meta = lora.load_adapter(model, read_peft(peft_dir), alpha)
     meta.pop("base_weights", None)  # only checked: a copy of the vocabulary matrix, not to keep
     return meta
 

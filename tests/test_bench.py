@@ -14,7 +14,7 @@ import torch
 import data as quotes
 import lora
 from bench import bench as bench_py
-from bench import measure, sides
+from bench import generation, measure, sides
 from llama import until_eos
 from tiny import LLAMA3_GQA_TIED, SENTENCES, write_tiny_model
 
@@ -299,9 +299,9 @@ def test_generations_agree_asks_whole_completions_in_float32_and_first_tokens_in
     16-bit dtype half must start with the same token."""
     mine = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]]
     parted = [[1, 2, 0], [4, 0, 0], [7, 8, 9], [2, 1, 1]]  # 1 identical, 3 same first token
-    assert bench_py.generations_agree(mine, parted, torch.float32) == (False, 1, 3)
-    assert bench_py.generations_agree(mine, parted, torch.bfloat16) == (True, 1, 3)
-    assert bench_py.generations_agree(mine, parted, torch.float16) == (True, 1, 3)
+    assert generation.generations_agree(mine, parted, torch.float32) == (False, 1, 3)
+    assert generation.generations_agree(mine, parted, torch.bfloat16) == (True, 1, 3)
+    assert generation.generations_agree(mine, parted, torch.float16) == (True, 1, 3)
     other = [[9, 2, 3], [9, 5, 6], [7, 8, 9], [2, 1, 1]]  # 1 identical, 1 same first token
-    assert bench_py.generations_agree(mine, other, torch.bfloat16) == (False, 1, 1)
-    assert bench_py.generations_agree(mine, mine, torch.float32) == (True, 4, 4)
+    assert generation.generations_agree(mine, other, torch.bfloat16) == (False, 1, 1)
+    assert generation.generations_agree(mine, mine, torch.float32) == (True, 4, 4)
