@@ -85,12 +85,30 @@ def check_out_dir(out_dir):
 # ----------------------------------------------------------------------------- the --out folder
 
 def read_run(out):
-    """run.json of the run in `out`, a dict. ValueError naming the file when it is unreadable."""
+    """run.json of the run in `out`, a dict. FileNotFoundError without one (nothing to resume),
+    ValueError naming the file when it is unreadable."""
     path = Path(out) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist, nothing to resume")
+    return run_settings(path)
+
+
+def run_beside(adapter):
+    """(path, settings) of the run.json beside an adapter train.py wrote (its --out folder, or
+    a file in it), or (None, {}): an adapter from elsewhere (a PEFT folder, a file of its own)
+    carries no split. ValueError naming an unreadable run.json."""
+    folder = Path(adapter)
+    if folder.name in (lora.ADAPTER_FILE, LAST_ADAPTER):  # out/adapter.safetensors: out/
+        folder = folder.parent
+    path = folder / "run.json"
+    if not os.path.isfile(path):  # False, not an error, for a name the OS refuses
+        return None, {}
+    return path, run_settings(path)
+
+
+def run_settings(path):
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: {path} does not exist, nothing to resume") from None
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(run, dict):

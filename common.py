@@ -79,6 +79,25 @@ def alphas(text):
     return values
 
 
+LR = 5e-4  # train.py's --lr and bench.py's: docs/recipe.md measured why
+
+
+def add_formula_flags(p, kernels_help):
+    """--kernels (the speed chapter) and --attention, the same in train.py, sample.py and
+    eval.py; --no-kernels, the default, is still accepted."""
+    p.add_argument("--kernels", action="store_true", help=kernels_help)
+    p.add_argument("--no-kernels", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: fused "
+                   "kernel; written: llama.attention(), the formula step by step (slower)")
+
+
+def check_formula_flags(p, args):
+    """--kernels swaps in the speed chapter: it contradicts --attention written, --no-kernels."""
+    if args.kernels and (args.no_kernels or args.attention == "written"):
+        other = "--no-kernels" if args.no_kernels else "--attention written"
+        p.error(f"--kernels contradicts {other}")
+
+
 def typed_flags(parser, argv):
     """The destinations of the flags on the command line: the parser again, every default
     suppressed, so that only what was typed lands in the namespace."""
@@ -179,11 +198,7 @@ def cpu_bf16_units():
     """'AMX' or 'AVX512-BF16' when the CPU multiplies bf16 natively (the units oneDNN uses for
     PyTorch's bf16 products), else None."""
     flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    return None
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 def torch_version():

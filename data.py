@@ -345,6 +345,10 @@ def describe_skips(counts: dict) -> str:
 
 # ----------------------------------------------------------------------------- all in one call
 
+# train.py's defaults of the split: eval.py and the export checks take them too
+SPLIT = {"seed": 0, "val_fraction": 0.1, "max_len": 256}
+
+
 def load_dataset(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 256,
                  val_fraction: float = 0.1, seed: int = 0):
     """Read, tokenize and split the quotes for train.py: (train, val, tokenizer, info), where info

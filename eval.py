@@ -21,17 +21,17 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
+import checkpoint
 import data
 import lora
-from common import (HelpFormatter, alphas, can_plot, complete, is_peft_folder, load,
-                    pick_device, pick_dtype, plot_path_problem, positive, pyplot, save_figure,
-                    seed, validation_loss)
+from common import (HelpFormatter, add_formula_flags, alphas, can_plot, check_formula_flags,
+                    complete, is_peft_folder, load, pick_device, pick_dtype, plot_path_problem,
+                    positive, pyplot, save_figure, seed, validation_loss)
 from llama import generate
 
 # The flags that fix train.py's split, with train.py's defaults.
-SPLIT_FLAGS = {"data": data.DEFAULT_DATASET, "seed": 0, "val_fraction": 0.1, "max_len": 256}
+SPLIT_FLAGS = {"data": data.DEFAULT_DATASET, **data.SPLIT}
 
 
 def parse_args(argv=None):
@@ -72,15 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype")
     p.add_argument("--show", type=int, default=3, help="print this many example completions")
-    p.add_argument("--kernels", action="store_true", help="score with the speed chapter (speed/): "
-                   "hand-written kernels, prompts read packed; the same scores, faster")
-    p.add_argument("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # the default
-    p.add_argument("--attention", choices=["sdpa", "written"], default="sdpa",
-                   help="sdpa: PyTorch's fused kernel; written: llama.attention(), step by step")
+    add_formula_flags(p, "score with the speed chapter (speed/): hand-written kernels, prompts "
+                      "read packed; the same scores, faster")
     args = p.parse_args(argv)
-    if args.kernels and (args.no_kernels or args.attention == "written"):
-        other = "--no-kernels" if args.no_kernels else "--attention written"
-        p.error(f"--kernels contradicts {other}")
+    check_formula_flags(p, args)
     if not args.adapter and not args.no_adapter:
         p.error("pass --adapter DIR, or --no-adapter to score the base model")
     if args.adapter and args.no_adapter:
@@ -105,26 +100,6 @@ def parse_args(argv=None):
     return args
 
 
-def run_settings(adapter):
-    """(path, settings) of the run.json train.py wrote beside the adapter, or (None, {}): an
-    adapter from elsewhere (a PEFT folder, a file of its own) carries no split."""
-    if not adapter:
-        return None, {}
-    folder = Path(adapter)
-    if folder.name == lora.ADAPTER_FILE:  # out/adapter.safetensors: out/ holds the run
-        folder = folder.parent
-    path = folder / "run.json"
-    if not os.path.isfile(path):  # False, not an error, for a name the OS refuses
-        return None, {}
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(run, dict):
-        raise ValueError(f"{path}: expected a JSON object of train.py's settings")
-    return path, run
-
-
 def same(name, mine, theirs):
     if name == "data" and os.path.isfile(mine) and os.path.isfile(theirs):
         return os.path.samefile(mine, theirs)  # one file, named two ways
@@ -136,7 +111,7 @@ def use_the_runs_split(args):
     run's own, else train.py's defaults. Another split than the run's would score quotes the
     adapter trained on, as if held out: a flag that differs is refused, or with
     --allow-other-split warned about."""
-    path, run = run_settings(args.adapter)
+    path, run = checkpoint.run_beside(args.adapter) if args.adapter else (None, {})
     given = {k: getattr(args, k) for k in SPLIT_FLAGS if getattr(args, k) is not None}
     changed = [f"--{k.replace('_', '-')} {v} (the run's: {run[k]})" for k, v in given.items()
                if run.get(k) is not None and not same(k, v, run[k])]

@@ -395,5 +395,4 @@ def decode(model, logits, cache, valid, positions, eos_ids=None, pick=greedy):
 
 def until_eos(ids, eos_ids):
     """ids up to the first eos id, which is left out."""
-    ends = [i for i, tok in enumerate(ids) if tok in eos_ids]
-    return ids[:ends[0]] if ends else ids
+    return ids[:next((i for i, tok in enumerate(ids) if tok in eos_ids), len(ids))]

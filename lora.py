@@ -302,7 +302,7 @@ def load_adapter(model, adapter, alpha=None):
             m.A.copy_(tensors[f"{name}.lora_module.0.weight"])
             m.B.copy_(tensors[f"{name}.lora_module.1.weight"])
     set_alpha(model, meta["alpha"] if alpha is None else alpha)
-    return meta
+    return {k: v for k, v in meta.items() if k != "base_weights"}  # a checked copy of lm_head
 
 
 def check_fits(model, tensors, meta):

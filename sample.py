@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, alphas, complete, is_peft_folder, load,
-                    pick_adapter, pick_device, pick_dtype, positive, seed)
+from common import (DEFAULT_OUT, HelpFormatter, add_formula_flags, alphas, check_formula_flags,
+                    complete, is_peft_folder, load, pick_adapter, pick_device, pick_dtype,
+                    positive, seed)
 from data import SEPARATOR
 from llama import DEFAULT_MODEL, generate, greedy
 
@@ -91,15 +92,10 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
         help="compute dtype")
-    add("--kernels", action="store_true", help="generate with the speed chapter (speed/): "
-        "prompts read packed, one-query attention on the CPU; the same tokens, faster")
-    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # plain: the default
-    add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
-        "fused kernel; written: llama.attention(), the formula step by step")
+    add_formula_flags(p, "generate with the speed chapter (speed/): prompts read packed, "
+                      "one-query attention on the CPU; the same tokens, faster")
     args = p.parse_args(argv)
-    if args.kernels and (args.no_kernels or args.attention == "written"):
-        other = "--no-kernels" if args.no_kernels else "--attention written"
-        p.error(f"--kernels contradicts {other}")
+    check_formula_flags(p, args)
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter contradict each other")
     if args.alpha_sweep and (args.no_adapter or args.alpha is not None):

@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import data
 import lora
-from common import (DEFAULT_OUT, Clock, HelpFormatter, autocast, can_plot, dtype_choice,
-                    pick_device, positive, say, seed, typed_flags, validation_loss)
+from common import (DEFAULT_OUT, LR, Clock, HelpFormatter, add_formula_flags, autocast, can_plot,
+                    check_formula_flags, dtype_choice, pick_device, positive, say, seed,
+                    typed_flags, validation_loss)
 from llama import DEFAULT_MODEL, Llama
 
 
@@ -54,12 +55,9 @@ def parse_args(argv=None):
         help="micro-batches per process per step (saves memory)")
     add("--recompute", action="store_true", help="activation checkpointing: keep each layer's "
         "input only, run the layer again in the backward pass")
-    add("--kernels", action="store_true", help="train with the speed chapter (speed/kernels.py): "
-        "hand-written backward passes, the same results up to rounding in less time and memory")
-    add("--no-kernels", action="store_true", help=argparse.SUPPRESS)  # plain is the default
-    add("--attention", choices=["sdpa", "written"], default="sdpa", help="sdpa: PyTorch's "
-        "fused kernel; written: llama.attention(), the formula step by step (slower)")
-    add("--lr", type=positive(float), default=5e-4,
+    add_formula_flags(p, "train with the speed chapter (speed/kernels.py): hand-written "
+                      "backward passes, the same results up to rounding in less time and memory")
+    add("--lr", type=positive(float), default=LR,
         help="AdamW learning rate of the LoRA weights (docs/recipe.md: why 5e-4)")
     add("--max-steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (counted from the run's start, also on "
@@ -98,9 +96,7 @@ def parse_args(argv=None):
         p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
-    if args.kernels and (args.no_kernels or args.attention == "written"):
-        other = "--no-kernels" if args.no_kernels else "--attention written"
-        p.error(f"--kernels contradicts {other}")
+    check_formula_flags(p, args)
     return args
 
 

@@ -32,7 +32,7 @@ from bench.measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_mem
                            train_flops)
 from bench.sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
-from common import HelpFormatter, dtype_choice, pick_device, positive, seed
+from common import LR, HelpFormatter, dtype_choice, pick_device, positive, seed
 from hub import resolve_model_dir
 
 SIDES = ("plain", "kernels", "peft")
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--r", type=positive(int), default=8, help="LoRA rank")
     p.add_argument("--alpha", type=positive(float), default=0.125,
                    help="our alpha; PEFT's lora_alpha is alpha * r")
-    p.add_argument("--lr", type=positive(float), default=5e-4,
+    p.add_argument("--lr", type=positive(float), default=LR,
                    help="AdamW learning rate (train.py's)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma list of Linear names to adapt")

@@ -7,8 +7,6 @@ the prompt's tokens, then llama.generate with llama.greedy through common.comple
 tokens at most, float32 on the CPU. python -m export --check N and export/llamacpp_check.py
 both compare through here.
 """
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -16,25 +14,14 @@ import torch
 import data
 from common import complete
 
-SPLIT = dict(max_len=256, val_fraction=0.1, seed=0)  # train.py's defaults
 MAX_NEW_TOKENS = 32  # sample.py's default
 
 
-def run_settings(adapter):
-    """The run.json train.py wrote beside an adapter (in its folder, or the folder of its
-    file), as a dict; {} when there is none or it cannot be read."""
-    path = Path(adapter)
-    try:
-        run = json.loads(((path if path.is_dir() else path.parent) / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return run if isinstance(run, dict) else {}
-
-
 def held_out_prompts(model_dir, data_file, n, run=None):
-    """The first n quotes of the validation split as 'quote | tags:' prompts. run: run_settings
-    of the adapter (its split); ValueError when the split holds fewer than n quotes."""
-    split = {k: (run or {}).get(k, default) for k, default in SPLIT.items()}
+    """The first n quotes of the validation split as 'quote | tags:' prompts. run: the settings
+    of the adapter's run.json (checkpoint.run_beside), whose split it takes; ValueError when the
+    split holds fewer than n quotes."""
+    split = {k: (run or {}).get(k, default) for k, default in data.SPLIT.items()}
     _, val, _, _ = data.load_dataset(model_dir, data_file, **split)
     if len(val) < n:
         raise ValueError(f"--data {data_file}: the validation split (val_fraction "

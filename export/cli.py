@@ -19,10 +19,10 @@ import sys
 import torch
 
 import lora
-from checkpoint import check_out_dir
+from checkpoint import check_out_dir, run_beside
 from common import HelpFormatter, positive
 from data import QuoteTokenizer
-from export.check import agreement, greedy_completions, held_out_prompts, run_settings
+from export.check import agreement, greedy_completions, held_out_prompts
 from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf  # gguf itself: lazily
 from export.gguf_lora import (ADAPTER_GGUF, BASE_GGUF, LORA_TYPES, export_lora_gguf,
                               read_lora_gguf)
@@ -144,7 +144,7 @@ def main(argv=None):
         model = load_model(args)
         prompts = []  # read before writing: a --data mistake costs no export
         if args.data:
-            run = run_settings(args.adapter) if args.adapter else {}
+            run = run_beside(args.adapter)[1] if args.adapter else {}
             prompts = held_out_prompts(model.model_dir, args.data, args.check or CHECK, run)
         path = write(model, args)
         print(f"wrote {args.out}")

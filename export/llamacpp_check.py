@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import lora
+from checkpoint import run_beside
 from common import positive
 from data import QuoteTokenizer
-from export.check import greedy_completions, held_out_prompts, run_settings
+from export.check import greedy_completions, held_out_prompts
 from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf
 from export.gguf_lora import ADAPTER_GGUF, export_lora_gguf, read_lora_gguf
 from export.merged import describe_lost
@@ -145,7 +146,7 @@ def check(args, work):
     lora.load_adapter(model, (tensors, meta))
     model_dir = model.model_dir
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
-    prompts = held_out_prompts(model_dir, args.data, args.n, run_settings(args.adapter))
+    prompts = held_out_prompts(model_dir, args.data, args.n, run_beside(args.adapter)[1])
     results = {"adapter": str(args.adapter), "base": str(model_dir), "n": args.n,
                "prompts": prompts, "update_lost": {}, "files": []}
     runs = export_merged_ggufs(model, args.types, work, tokenizer, prompts, results)

@@ -123,9 +123,7 @@ def read_any(path):
 
 def import_peft(model, peft_dir, alpha=None):
     """Put a PEFT adapter into the model (lora.load_adapter); returns its metadata."""
-    meta = lora.load_adapter(model, read_peft(peft_dir), alpha)
-    meta.pop("base_weights", None)  # only checked: a copy of the vocabulary matrix, not to keep
-    return meta
+    return lora.load_adapter(model, read_peft(peft_dir), alpha)
 
 
 def export_peft(source, out_dir, base_model=None):

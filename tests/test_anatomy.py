@@ -18,13 +18,10 @@ from anatomy import update_anatomy
 from export.peft import export_peft
 from lora import LoraModule, add_lora, lora_modules, save_adapter
 from tiny import randomize_b
-from tiny_run import HANG, ROOT, one_torch_thread
+from tiny_run import HANG, ROOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- one update

@@ -20,13 +20,10 @@ import sample
 import train
 from export.peft import export_peft
 from llama import Llama
-from tiny_run import hashes, one_torch_thread, tiny_model, train_args, write_quotes
+from tiny_run import hashes, tiny_model, train_args, write_quotes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import eval as eval_py
 import lora
 from data import QuoteTokenizer
 from eval import looks_like_tags, parse_tags, tag_scores
-from tiny_run import one_torch_thread, run_script, tiny_model, train_args, write_quotes
+from tiny_run import run_script, tiny_model, train_args, write_quotes
 
 
 def test_parse_tags_takes_the_first_line_split_at_commas():
@@ -42,10 +42,7 @@ def test_tag_shape_refuses_prose():
 
 # ----------------------------------------------------------------------------- the run's split
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

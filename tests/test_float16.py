@@ -19,16 +19,13 @@ import common
 import lora
 import train
 from devices import on_devices
-from tiny_run import (adapter, metrics, one_torch_thread, same_tensors, tiny_model, train_args,
+from tiny_run import (adapter, metrics, same_tensors, tiny_model, train_args,
                       write_quotes)
 
 EPOCHS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

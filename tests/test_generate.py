@@ -14,13 +14,10 @@ import llama
 from llama import Llama, until_eos
 from sample import filter_logits, sampler
 from speed import generate as packed
-from tiny_run import one_torch_thread, tiny_model
+from tiny_run import tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- the two generates

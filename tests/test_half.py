@@ -26,16 +26,13 @@ import lora
 from devices import HALF, assert_close_normwise, eps, on_devices
 from speed import kernels
 from speed.generate import generate_packed
-from tiny_run import one_torch_thread
 
 PIECE = 4  # in eps, see above
 MODEL = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # tensors this small: a second thread only waits (7 s a test instead of 0.1)
-    with one_torch_thread():
-        yield
+# Tensors this small: a second thread only waits (7 s a test instead of 0.1).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(*shape, seed=0, scale=1.0):

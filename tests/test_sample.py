@@ -19,7 +19,7 @@ from data import QuoteTokenizer, prompt_text
 from llama import DEFAULT_MODEL, Llama
 from speed import generate as packed
 from speed import kernels
-from tiny_run import (PAIRS, hashes, one_torch_thread, run_script, tiny_model, train_args,
+from tiny_run import (PAIRS, hashes, run_script, tiny_model, train_args,
                       write_quotes)
 
 PROMPTS = [prompt_text(PAIRS[1][0]), prompt_text(PAIRS[4][0]),
@@ -28,10 +28,7 @@ PROMPTS = [prompt_text(PAIRS[1][0]), prompt_text(PAIRS[4][0]),
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
