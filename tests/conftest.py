@@ -78,7 +78,7 @@ def untied(base_models):
     return copy.deepcopy(base_models["untied"])
 
 
-# ----------------------------------------------------------------------------- small training runs (test_train, test_resume)
+# ------------------------------------------------------- small training runs (tiny_run.py)
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -96,10 +96,32 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stopped_run(setup, tmp_path_factory):
+    """An --out folder stopped by --max-steps at step 2 of 5: checkpoint.pt, adapter, metrics,
+    run.json."""
+    import train
+    from tiny_run import train_args
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(stopped_run, tmp_path):
+    """A copy of stopped_run to be attacked, and its file hashes before."""
+    import shutil
+
+    from tiny_run import hashes
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    return out, hashes(out)
+
+
+@pytest.fixture(scope="module")
 def three_epochs(setup, tmp_path_factory):
     """A 3-epoch run through train.main, watched from inside: the model it trains, the LoRA weights
     it starts from, what it hands to AdamW, and what each checkpoint save wrote. Module-scoped: it
-    runs once in each module that asks for it (test_train.py, test_resume.py)."""
+    runs once in each module that asks for it (test_train.py, test_resume.py, test_plot.py)."""
     import torch
 
     import checkpoint

@@ -20,31 +20,13 @@ import sample
 import train
 from export.peft import export_peft
 from llama import Llama
-from tiny_run import hashes, tiny_model, train_args, write_quotes
+from tiny_run import hashes, train_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(tiny model folder, quotes file)."""
-    return (tiny_model(tmp_path_factory),
-            write_quotes(tmp_path_factory.mktemp("data") / "quotes.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def stopped_run(setup, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stopped") / "out"
-    assert train.main(train_args(*setup, out, "--max-steps", 2)) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(stopped_run, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(stopped_run, out)
-    return out, hashes(out)
+# setup, stopped_run, run_copy: conftest.py
 
 
 def main_of(module, capsys, argv):

@@ -1,20 +1,17 @@
-"""train.py --resume and the files of an --out folder: checkpoint.pt, run.json, metrics.jsonl,
-loss.png.
+"""train.py --resume and the files of an --out folder: checkpoint.pt, run.json, metrics.jsonl.
 
 Resuming is checked against an uninterrupted run of the same flags (the three_epochs fixture of
 conftest.py, or a run of its own): the same losses step by step and the same adapters and AdamW
 moments, bit for bit (float32 on the CPU), whether the run stopped at --max-steps, by SIGTERM or
 by SIGKILL, and whether its folder was written by this version or by 84e3aa9 (no best validation
 in checkpoint.pt, no --epochs in run.json, init "seed"). The other oracles are the files
-themselves: what is left after a death mid-write, byte and mtime for byte and mtime after a resume
-with nothing left to do, and the text and PNG checkpoint.py plot writes.
+themselves: what is left after a death mid-write, and byte and mtime for byte and mtime after a
+resume with nothing left to do. loss.png and checkpoint.py plot: test_plot.py.
 """
 import json
 import os
 import re
-import shutil
 import signal
-import sys
 import time
 
 import pytest
@@ -26,6 +23,7 @@ import lora
 import train
 from tiny_run import (HANG, RUN_FILES, STEPS_PER_EPOCH, TOTAL_STEPS, adapter, hashes, metrics,
                       popen_script, run_script, same_tensors, three_epoch_args, train_args)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
 
@@ -365,78 +363,3 @@ def test_resume_says_from_which_step_and_more_steps_or_epochs_go_on(setup, tmp_p
     assert train.main(train_args(*setup, out, "--resume", "--epochs", 2, "--max-steps", 99)) == 0
     assert "resuming after step 4 (epoch 1, batch 5)" in capsys.readouterr().err.splitlines()
     assert [r["step"] for r in metrics(out, "step")] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-
-
-# ------------------------------------------------------------------------ checkpoint.py plot
-
-def test_plot_cli_names_the_file_it_wrote(three_epochs, tmp_path):
-    out, _ = three_epochs
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "loss.png").unlink()
-    done = run_script(["checkpoint.py", "plot", copy])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == f"wrote {copy / 'loss.png'}\n"
-    assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize("make, message", [
-    (lambda d: None, "{d}: no such folder (a train.py --out)"),
-    (lambda d: d.mkdir(), "{d}/metrics.jsonl: no such file; is {d} a train.py --out folder?"),
-], ids=["missing", "not_a_run"])
-def test_plot_cli_refuses_a_folder_without_a_run_in_one_line(tmp_path, make, message):
-    folder = tmp_path / "missing"
-    make(folder)
-    done = run_script(["checkpoint.py", "plot", folder])
-    assert done.returncode == 2
-    assert done.stderr == f"checkpoint.py plot: error: {message.format(d=folder)}\n"
-
-
-def test_plot_legend_does_not_cover_the_curves(three_epochs, tmp_path, monkeypatch):
-    """The legend sits outside the axes: nothing it covers can be a curve."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    out, _ = three_epochs
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    figures, real_savefig = [], Figure.savefig
-
-    def savefig(fig, *args, **kwargs):
-        figures.append(fig)
-        return real_savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    (copy / "loss.png").unlink()
-    assert checkpoint.plot(str(copy)) == copy / "loss.png"  # an --out folder, without training
-    assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fig, = figures  # closed by plot(): drawn again on a canvas of its own
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    renderer = canvas.get_renderer()
-    legend = fig.legends[0].get_window_extent(renderer)
-    for ax in fig.axes:
-        assert not legend.overlaps(ax.get_window_extent(renderer))
-
-
-NO_MATPLOTLIB = """
-import runpy, sys
-sys.modules["matplotlib"] = None  # as if it were not installed: importing it fails
-sys.argv = ["checkpoint.py", *sys.argv[1:]]
-runpy.run_path("checkpoint.py", run_name="__main__")
-"""
-
-
-def test_plot_without_matplotlib_names_the_package_in_one_line(three_epochs, tmp_path,
-                                                               setup, capsys, monkeypatch):
-    out, _ = three_epochs
-    done = run_script(["-c", NO_MATPLOTLIB, "plot", out])
-    assert done.returncode == 2
-    assert done.stderr == "checkpoint.py plot: error: needs matplotlib: pip install matplotlib\n"
-    # train.py --plot: refused before any work, not after hours of training
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit) as exit_:
-        train.main(train_args(*setup, tmp_path / "out", "--plot"))
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "train.py: error: --plot needs matplotlib: pip install matplotlib")
-    assert not (tmp_path / "out").exists()

@@ -4,8 +4,8 @@ A tiny random Llama (tiny.py), twenty quotes that its tokenizer knows, and the f
 to a second: float32 on the CPU (deterministic, so runs can be compared bit for bit), --max-len 64,
 batches of 4 (18 train quotes: 5 steps an epoch). Scripts run either as a user runs them (a
 subprocess) or through their main() (faster; used where nothing depends on the process itself).
-Also the few helpers that two test files share (quotes rows, random tokens, peft's logits), kept
-here once rather than copied.
+Also the few helpers that two test files share (quotes rows, random tokens, peft's logits, a
+script's exit status and last line), kept here once rather than copied.
 """
 import hashlib
 import json
@@ -23,7 +23,7 @@ import tiny
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(s.split(" | tags: ")[0], s.split(" | tags: ")[1].split(", ")) for s in tiny.SENTENCES[:5]]
 STEPS_PER_EPOCH = 5  # 20 quotes, 2 held out, batches of 4
-EPOCHS = 3  # the three_epochs run of conftest.py (test_train.py, test_resume.py)
+EPOCHS = 3  # the three_epochs run of conftest.py (test_train.py, test_resume.py, test_plot.py)
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 _model_dirs = {}
 
@@ -67,6 +67,22 @@ def good_row(quote="“Be yourself.”", tags=("honesty", "life")):
 
 def tokens(vocab, shape, seed=0):
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------ a script's end (test_cli_errors, test_stops)
+
+def main_of(module, capsys, argv):
+    """(exit status, stderr) of module.main(argv) in this process; argparse exits by SystemExit."""
+    try:
+        code = module.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def last_line(err):
+    assert "Traceback" not in err, err  # tiny_run.py is not a test file: pytest shows no values
+    return err.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- peft (test_peft_export, test_peft_import)
