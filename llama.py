@@ -10,7 +10,6 @@ These formulas are what train.py, sample.py and eval.py run by default. The spee
 never imports it. The file ends with generation: a KV-cached loop, a token a step.
 """
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,10 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import hub
+from machinery import hub, model_files
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
-IGNORE_INDEX = -100  # a target without loss (F.cross_entropy's default ignore_index)
 
 
 # ----------------------------------------------------------------------------- config
@@ -45,15 +43,9 @@ class LlamaConfig:
 
     @classmethod
     def from_dir(cls, model_dir):
-        """From a model folder's config.json and generation_config.json, read by hub.py
-        (ValueError for a variant this file does not implement, e.g. hidden_act not silu)."""
-        return cls(**hub.read_config(model_dir))
-
-
-def autocast(device, dtype):
-    """The context to run the model in: matmuls in the low-precision dtype (bf16, float16),
-    reductions (norms, softmax, loss) in float32; nothing to do for float32."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype)
+        """From a model folder's config.json and generation_config.json (machinery/model_files.py
+        reads them: ValueError for a variant this file does not implement, e.g. hidden_act)."""
+        return cls(**model_files.read_config(model_dir))
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -165,7 +157,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.kind = "sdpa"  # or "written": attention() above (Llama.set_attention)
+        self.kind = "sdpa"  # or "written": attention() above (train.py --attention)
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         d, hd = config.hidden_size, config.head_dim
         self.head_dim = hd
@@ -250,14 +242,6 @@ class Llama(nn.Module):
         # the backward (docs/speed.md measures both).
         self.recompute = False
 
-    def set_attention(self, kind):
-        """'sdpa' (the default): F.scaled_dot_product_attention; 'written': attention() above, the
-        formula step by step (slower, more memory: the scores of every head are kept)."""
-        if kind not in ("sdpa", "written"):
-            raise ValueError(f"attention must be 'sdpa' or 'written', got {kind!r}")
-        for layer in self.model.layers:
-            layer.self_attn.kind = kind
-
     def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
         """tokens (B, T) -> final-normed hidden states (B, T, d).
 
@@ -283,41 +267,34 @@ class Llama(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None,
-                targets=None):
+    def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None):
         """tokens (B, T) -> logits (B, T, vocab), or (N, vocab) at the N places where the bool
         mask logits_at (B, T) is True.
 
-        With targets (B, T), the next token at each position and IGNORE_INDEX where there is no
-        loss: the summed cross-entropy (nats) instead. Only the N supervised positions reach
-        lm_head: a 128,256-wide vocabulary at every position would spend most of the step's
-        memory on logits that no loss reads."""
-        h = self.hidden_states(tokens, positions, cache, attn_mask)
-        if targets is not None:
-            logits_at = targets != IGNORE_INDEX
+        Ask only for the logits that will be read: training reads the supervised positions,
+        generation one position a row. lm_head is the widest product of the model (128,256
+        outputs for Llama-3.2): at every position it would cost more time and memory than it is
+        worth."""
+        h = self.hidden_states(tokens, positions, cache, attn_mask)  # (B, T, d)
         if logits_at is not None:
             h = h[logits_at]  # (N, d)
-        if targets is not None:
-            return self.loss_sum(h, targets[logits_at])  # targets (N,)
         return self.lm_head(h)
-
-    def loss_sum(self, h, targets):
-        """Summed cross-entropy of lm_head(h) (N, vocab) against targets (N,), in float32."""
-        logits = self.lm_head(h)
-        return F.cross_entropy(upcast(logits), targets, reduction="sum")
 
     @classmethod
     def from_pretrained(cls, name_or_path=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
-        """Build the model from a local HF folder or a hub repo id, strictly: every tensor
-        present, none extra, every shape right (ValueError naming the first misfits)."""
+        """The model with a Hugging Face checkpoint's weights, from a local folder or a hub repo
+        id. Loaded by name (ours are HF's) and strictly: every tensor present, none extra, every
+        shape right (machinery/model_files.py checks them: ValueError naming the first misfits)."""
         model_dir = hub.resolve_model_dir(name_or_path)
         config = LlamaConfig.from_dir(model_dir)
-        state = hub.read_safetensors(model_dir)
+        state = model_files.read_safetensors(model_dir)
         # A stored lm_head that differs from embed_tokens stays untied, as in transformers.
-        config.tie_word_embeddings = hub.keeps_tie(state, config.tie_word_embeddings, model_dir)
+        config.tie_word_embeddings = model_files.keeps_tie(state, config.tie_word_embeddings,
+                                                           model_dir)
         with torch.device("meta"):  # no memory for random weights that are overwritten at once
             model = cls(config)
-        hub.check_state_dict(model.state_dict(), state, config.tie_word_embeddings, model_dir)
+        model_files.check_state_dict(model.state_dict(), state, config.tie_word_embeddings,
+                                     model_dir)
         names = model.state_dict().keys()
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in names}
         model.load_state_dict(state, strict=False, assign=True)
@@ -354,7 +331,9 @@ def generate(model, prompts, max_new_tokens=32, eos_ids=None, pick=greedy):
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
     mask = causal & (valid[:, None, :P] | ~valid[:, :P, None])  # (B, T=P, S=P)
     cache = KVCache(model.config, P + max_new_tokens)
-    logits = model(tokens, positions[:, :P], cache, mask[:, None])[:, -1]  # (B, vocab)
+    last = torch.zeros_like(valid[:, :P])  # (B, P): the logits of the last column only
+    last[:, -1] = True
+    logits = model(tokens, positions[:, :P], cache, mask[:, None], logits_at=last)  # (B, vocab)
     return decode(model, logits, cache, valid, positions, eos_ids, pick)
 
 

@@ -1,7 +1,8 @@
 """LoRA from scratch: a frozen Linear layer plus a small trainable detour.
 
-A Linear layer computes y = W x with W (out, in). LoRA leaves W frozen and learns a low-rank
-change beside it, through a narrow passage of r numbers:
+A Linear layer computes y = W x with W (out, in). LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation
+of Large Language Models", section 4.1) leaves W frozen and learns a low-rank change beside it,
+through a narrow passage of r numbers:
 
             +------------------+
     x ----->|   W (out, in)    |---------------- W x ----------+
@@ -15,52 +16,57 @@ change beside it, through a narrow passage of r numbers:
     y = W x + alpha * B A x        r << in, out
 
 A 2048x2048 projection with r = 8 trains 2 * 8 * 2048 = 32,768 numbers instead of 4.2 million.
-The method wraps every nn.Linear of Llama (lm_head included) in a `LoraModule`, starts both A and
-B random with a small alpha, and doubles alpha each epoch. Merged, W + alpha B A is one matrix
-again (merge_lora).
+Merged, W + alpha B A is one matrix again (merge_lora): no cost at inference.
 
-The scale. Here alpha multiplies B A directly. The LoRA paper (Hu et al. 2021, section 4.1), PEFT,
-torchtune and most code write the same update as (lora_alpha / r) * B A: our alpha is their
-lora_alpha / r, so `--alpha 0.125` at r = 8 is PEFT's lora_alpha = 1. It matters when r changes:
-Adam moves every entry of A and B by about lr per step whatever r is, so the learned B A, a sum of
-r rank-1 terms, grows with r. The paper divides by r so that a run at another r needs no new
-learning rate or alpha; ours does not. To carry a recipe from r to r' as PEFT would, multiply
-alpha by r / r'. (At the start, B A x does not grow with r: nn.Linear draws B's entries within
-+-1/sqrt(r).)
+Two conventions, side by side. Standard LoRA (the paper, PEFT, torchtune) and the method this
+project reproduces (the write-up "Lora from scratch") differ in how B starts and in the scale:
 
-The adapter file holds only A and B (a few MB, not the base's GBs) and the few numbers it takes to
-put them back: save_adapter, read_adapter, load_adapter at the end of this file. PEFT's format and
-the merged and GGUF exports are a chapter of their own (export/).
+                  standard LoRA                        the method
+    B starts      at zero: step 0 is the base model    random, like A: the model is perturbed
+                  exactly                              from the first step
+    the scale     lora_alpha / r, kept constant        alpha itself: 0.125, doubled after
+                  (lora_alpha = 16, r = 8: 2.0)        every epoch as B A learns
+    train.py      --init zero --alpha-schedule         --init random --alpha 0.125
+                  constant --alpha <lora_alpha / r>    --alpha-schedule double (the default)
+
+Here alpha multiplies B A directly: it is PEFT's lora_alpha / r, so `--alpha 0.125` at r = 8 is
+PEFT's lora_alpha = 1. It matters when r changes: Adam moves every entry of A and B by about lr a
+step whatever r is, so the learned B A, a sum of r rank-1 terms, grows with r. The paper divides
+by r so that a run at another r needs no new learning rate or alpha; ours does not. To carry a
+recipe from r to r' as PEFT would, multiply alpha by r / r'. (At the start, B A x does not grow
+with r: nn.Linear draws B's entries within +-1/sqrt(r).)
+
+This file: LoraModule; add_lora, set_alpha and the alpha schedule, merge_lora; the adapter file,
+only A and B (a few MB, not the base's GBs). It imports nothing of the project: it can wrap any
+model. `python lora.py` shows it all on a toy model in a second. machinery/adapters.py checks an
+adapter file and its fit to a model before anything here reads it.
 """
-import json
+import copy
 import numbers
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 # How B starts: random like A (the method), or zero (standard LoRA: the model starts as the base).
-# "seed", the name of the method's init before, is still accepted and means "random".
 INITS = ("random", "zero")
-ADAPTER_FILE = "adapter.safetensors"  # what train.py writes into its --out folder
-FORMAT = "lora-from-scratch"  # safetensors metadata tag that tells our adapters from other files
 
 
 # ----------------------------------------------------------------------------- the module
 
 class LoraModule(nn.Module):
     """original_module(x) + alpha * B A x, with the original frozen and A (r, in), B (out, r)
-    trainable. x (..., in) -> (..., out). Raises TypeError for a module that is not an nn.Linear,
-    ValueError for a bad r, alpha or init."""
+    trainable. x (..., in) -> (..., out). orig_module: an nn.Linear, or a layer that computes
+    like one (qlora's 4-bit LinearNF4). Raises TypeError for another module, ValueError for a
+    bad r, alpha or init."""
 
-    def __init__(self, orig_module: nn.Linear, r: int = 8, alpha: float = 1.0,
+    def __init__(self, orig_module: nn.Module, r: int = 8, alpha: float = 1.0,
                  init: str = "random"):
         super().__init__()
-        if not isinstance(orig_module, nn.Linear):
+        if not hasattr(orig_module, "in_features") or not hasattr(orig_module, "out_features"):
             raise TypeError(f"LoraModule wraps an nn.Linear, got {type(orig_module).__name__}")
         self.r, self.alpha, self.init = check_r(r), check_alpha(alpha), check_init(init)
         self.original_module = orig_module
@@ -68,9 +74,10 @@ class LoraModule(nn.Module):
         # Module object. Autograd reads the flag of each Parameter, which stayed True, so W kept
         # receiving gradients (and optimizer updates). requires_grad_ sets it on every Parameter.
         orig_module.requires_grad_(False)
-        # The frozen base may be bf16; A and B train in at least float32 (and so do their AdamW
-        # moments): bf16 keeps about 3 significant digits, so small updates would round away.
-        W = orig_module.weight
+        # The frozen base may be bf16 (or 4-bit codes); A and B train in at least float32, and so
+        # do their AdamW moments: bf16 keeps about 3 significant digits, small updates would
+        # round away.
+        W = next(iter(orig_module.state_dict().values()))  # the weight, or qlora's packed codes
         kw = dict(bias=False, device=W.device, dtype=torch.promote_types(W.dtype, torch.float32))
         # An nn.Sequential of two Linears, as the method has it: the state dict keys stay
         # `...lora_module.0.weight` (A) and `...lora_module.1.weight` (B), in every adapter file.
@@ -126,19 +133,16 @@ def add_lora(model, r=8, alpha=1.0, init="random", targets=None):
     check_r(r), check_alpha(alpha), check_init(init)  # before touching the model
     if lora_modules(model):
         raise ValueError("the model already has LoRA modules; add_lora once per model")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if is_linear(m)]
     if targets is not None:
-        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
-            raise TypeError("targets must be a list of names like ['q_proj', 'v_proj'], "
-                            f"got {targets!r}")
-        valid = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        unknown = [t for t in targets if t not in valid]
-        if unknown or not targets:
-            raise ValueError(f"unknown targets {unknown}; "
-                             f"this model's Linear layers are named: {', '.join(valid)}")
-        linears = [n for n in linears if n.rsplit(".", 1)[-1] in targets]
+        linears = [n for n in linears if n.rsplit(".", 1)[-1] in check_targets(targets, linears)]
     wrap_linears(model, linears, r, alpha, init)
     return linears
+
+
+def is_linear(module):
+    """An nn.Linear, or qlora's 4-bit layer that stands in for one."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_4bit_linear", False)
 
 
 def wrap_linears(model, names, r, alpha, init):
@@ -150,12 +154,19 @@ def wrap_linears(model, names, r, alpha, init):
 
 
 def set_alpha(model, alpha):
-    """The method doubles alpha each epoch: one value for every LoraModule of the model."""
+    """One alpha for every LoraModule of the model (the schedule below picks it each epoch)."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA modules (call add_lora first)")
     for m in modules.values():
         m.set_alpha(alpha)
+
+
+def alpha_for_epoch(alpha, epoch, schedule="double"):
+    """The method's schedule: alpha * 2**epoch (epoch counts from 0). A random B perturbs the
+    model from the first step, so alpha starts small and doubles as A and B learn. 'constant'
+    keeps alpha, as standard LoRA does."""
+    return alpha * 2 ** epoch if schedule == "double" else alpha
 
 
 def merge_lora(model):
@@ -190,6 +201,12 @@ def count_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+# ----------------------------------------------------------------------------- the adapter file
+#
+# adapter.safetensors holds A and B keyed as in the model: `model.layers.0.self_attn.q_proj.
+# lora_module.0.weight` is A (r, in), `...lora_module.1.weight` is B (out, r); and, as safetensors
+# metadata (str -> str), what it takes to put them back: r, alpha, init, targets.
+
 def lora_state_dict(model):
     """Only the LoRA tensors, keyed as in model.state_dict(). They share memory with the
     parameters (no copy): copy_ into them restores a checkpoint."""
@@ -200,166 +217,43 @@ def lora_state_dict(model):
             for name, m in modules.items() for i, weight in enumerate((m.A, m.B))}
 
 
-# ----------------------------------------------------------------------------- the adapter file
-#
-# adapter.safetensors: A and B keyed as in the model (`model.layers.0.self_attn.q_proj.
-# lora_module.0.weight` for A (r, in), `...lora_module.1.weight` for B (out, r)), and as
-# safetensors metadata (str -> str): format, r, alpha, init, targets, base_model, and base_config,
-# the base's shape in a few numbers, to refuse an adapter trained on another model size.
-
-def fingerprint(model):
-    config = getattr(model, "config", None)
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads")
-    return {k: getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)}
-
-
-def adapter_of_model(model):
-    """(tensors keyed like model.layers.0.self_attn.q_proj.lora_module.0.weight, metadata)."""
-    tensors, modules = lora_state_dict(model), lora_modules(model)  # ValueError without LoRA
-    first = next(iter(modules.values()))
-    if any((m.r, m.alpha) != (first.r, first.alpha) for m in modules.values()):
-        raise ValueError("LoRA modules differ in r or alpha; "
-                         "one adapter file holds one r and one alpha")
-    meta = dict(r=first.r, alpha=first.alpha, init=first.init, base_config=fingerprint(model),
-                targets=sorted({n.rsplit(".", 1)[-1] for n in modules}),
-                base_model=str(getattr(model, "name_or_path", None) or ""))
-    return tensors, meta
-
-
-def save_adapter(model, path, base_model: str):
-    """Write the LoRA tensors of `model` and their metadata to `path` (a folder gets
-    adapter.safetensors inside), whole or not at all: a temp file beside it takes its place in
-    one os.replace, so a crash mid-write leaves the previous file as it was. Returns the Path."""
-    if not isinstance(base_model, str):
-        raise TypeError(f"base_model must be the base's name or path as a str, got {base_model!r}")
-    tensors, meta = adapter_of_model(model)
-    path = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
-    tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
-    metadata = dict(format=FORMAT, r=str(meta["r"]), alpha=repr(meta["alpha"]), init=meta["init"],
-                    targets=",".join(meta["targets"]), base_model=base_model,
-                    base_config=json.dumps(meta["base_config"]))  # metadata is str -> str
-    tmp = path.with_name(f".{path.name}.tmp")  # beside it: os.replace is atomic there
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # safetensors makes its files private
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def save_adapter(model, path, **metadata):
+    """Write A and B of every LoraModule to a safetensors file, with r, alpha, init and targets
+    as its metadata, and any more str -> str metadata given. Returns path."""
+    tensors = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model).items()}
+    modules = lora_modules(model)
+    first = next(iter(modules.values()))  # one r and one alpha for all (set_alpha sets them all)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    meta = dict(r=str(first.r), alpha=repr(first.alpha), init=first.init,
+                targets=",".join(targets), **metadata)
+    save_file(tensors, path, metadata=meta)
     return path
 
 
 def read_adapter(path):
-    """(tensors, metadata) of an adapter file, or of a folder holding adapter.safetensors.
-    Raises FileNotFoundError, or ValueError naming the file (another format, damaged metadata,
-    a tensor that is no A or B of rank r)."""
-    path = Path(path)
-    if not path.exists():  # --adapter takes either: say so
-        raise FileNotFoundError(f"{path}: no such adapter file or folder")
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path}: a PEFT adapter folder; export/peft.py reads it")
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such adapter file")
-    try:
-        with safe_open(path, "pt") as f:
-            raw, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
-    if raw.get("format") != FORMAT:
-        peft = path.name == "adapter_model.safetensors"
-        hint = " (a PEFT adapter? pass its folder)" if peft else ""
-        raise ValueError(f"{path}: not a LoRA adapter written by lora.py{hint}")
-    try:
-        meta = dict(r=int(raw["r"]), alpha=float(raw["alpha"]), init=check_init(raw["init"]),
-                    base_model=raw["base_model"], targets=raw["targets"].split(","),
-                    base_config=json.loads(raw["base_config"]))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: damaged adapter metadata ({type(e).__name__}: {e})") from None
-    for key, t in tensors.items():  # every key a pair half, A (r, in) or B (out, r)
-        half = key.endswith((".lora_module.0.weight", ".lora_module.1.weight"))
-        if not half or t.ndim != 2 or t.shape[int(key[-8])] != meta["r"]:
-            raise ValueError(f"{path}: tensor {key} {tuple(t.shape)} "
-                             f"is not a LoRA A or B of rank r={meta['r']}")
+    """(tensors, metadata) of an adapter file: A and B keyed as in the model; the metadata with
+    r an int, alpha a float, targets a list, any other entry as saved."""
+    with safe_open(path, "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        meta = dict(f.metadata() or {})
+    meta.update(r=int(meta["r"]), alpha=float(meta["alpha"]), targets=meta["targets"].split(","))
     return tensors, meta
 
 
 def load_adapter(model, adapter, alpha=None):
-    """Put an adapter into the model, adding LoRA modules if it has none yet. adapter: a path
-    (read_adapter) or (tensors, metadata) already read (export/peft.py reads PEFT's). alpha
-    overrides the saved one. Returns the metadata. ValueError, before the model is touched, for
-    an adapter that does not fit it (naming the first misfit): the shapes decide, not the base's
-    name in the metadata, since the same weights go by many names (hub id, a local copy)."""
-    if alpha is not None:
-        check_alpha(alpha)
-    tensors, meta = read_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
-    names = check_fits(model, tensors, meta)
+    """Put an adapter's A and B into the model, wrapping its Linear layers first if it has no
+    LoRA yet. adapter: a path, or (tensors, metadata) already read; alpha overrides the saved one.
+    Returns the metadata. It trusts the adapter to fit: machinery/adapters.py checks that first."""
+    tensors, meta = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
     if not lora_modules(model):
+        names = list(dict.fromkeys(key.rsplit(".lora_module.", 1)[0] for key in tensors))
         wrap_linears(model, names, meta["r"], meta["alpha"], meta["init"])
     with torch.no_grad():
         for name, m in lora_modules(model).items():
             m.A.copy_(tensors[f"{name}.lora_module.0.weight"])
             m.B.copy_(tensors[f"{name}.lora_module.1.weight"])
     set_alpha(model, meta["alpha"] if alpha is None else alpha)
-    return {k: v for k, v in meta.items() if k != "base_weights"}  # a checked copy of lm_head
-
-
-def check_fits(model, tensors, meta):
-    """The Linear names the adapter adapts, once each fits: the base's shape, the model's LoRA
-    modules if it has some, every A and B's shape, and any copy of a base weight the adapter
-    carries equal to the model's own (meta["base_weights"]: export/peft.py reads PEFT files
-    that hold a copy of lm_head or the embeddings)."""
-    base = fingerprint(model)
-    for k, v in meta["base_config"].items():
-        if k in base and base[k] != v:
-            raise ValueError(f"adapter was trained on a base with {k}={v}, "
-                             f"this model has {k}={base[k]}")
-    own = {k.replace(".original_module.", "."): t for k, t in model.state_dict().items()}
-    for name, (saved_as, saved) in meta.get("base_weights", {}).items():
-        if name not in own:
-            raise ValueError(f"adapter holds {saved_as}, a weight this model does not have")
-        if not _same_numbers(own[name], saved):
-            raise ValueError(f"adapter holds {saved_as}, which differs from this model's {name}: "
-                             "the adapter was made on another base")
-    names = list(dict.fromkeys(k.rsplit(".lora_module.", 1)[0] for k in tensors))
-    existing = lora_modules(model)
-    if existing:
-        ranks = {m.r for m in existing.values()}
-        if ranks != {meta["r"]}:
-            raise ValueError(f"adapter has rank r={meta['r']}, "
-                             f"the model's LoRA modules have r={sorted(ranks)}")
-        differ = [n for n in [*existing, *names] if (n in existing) != (n in names)]
-        if differ:  # a partial load would leave some modules with stale weights
-            raise ValueError("the model's LoRA modules and the adapter's differ, "
-                             f"first at {differ[0]}")
-    for name in names:
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"adapter has LoRA weights for {name}, "
-                             "which this model does not have") from None
-        linear = m.original_module if isinstance(m, LoraModule) else m
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"adapter has LoRA weights for {name}, "
-                             f"which is a {type(m).__name__}, not a Linear")
-        want = {0: (meta["r"], linear.in_features), 1: (linear.out_features, meta["r"])}
-        for i in (0, 1):
-            key = f"{name}.lora_module.{i}.weight"
-            if key not in tensors:
-                raise ValueError(f"adapter lacks {key}")
-            if tuple(tensors[key].shape) != want[i]:
-                raise ValueError(f"{key}: adapter has shape {tuple(tensors[key].shape)}, "
-                                 f"model expects {want[i]}")
-    return names
-
-
-def _same_numbers(own, saved):
-    """Equal in the coarser of the two dtypes: a float32 copy of a bfloat16 base is that base."""
-    if own.shape != saved.shape or not (own.is_floating_point() and saved.is_floating_point()):
-        return False
-    dtype = max(own.dtype, saved.dtype, key=lambda d: torch.finfo(d).eps)
-    return torch.equal(own.to(dtype), saved.to(own.device, dtype))
+    return meta
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -376,24 +270,82 @@ def check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError("alpha must be a real number (int or float), "
                         f"got {type(alpha).__name__} {alpha!r}")
-    # Compared exactly, so NaN, inf and an int past float's range all fail; 0 turns the adapter off
-    if not 0 <= alpha <= torch.finfo(torch.float64).max:
+    # float() of an int past float's range raises OverflowError; NaN and inf fail the comparison
+    try:
+        value = float(alpha)
+    except OverflowError:
+        value = float("inf")
+    if not 0 <= value < float("inf"):  # 0 turns the adapter off
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
-    return float(alpha)
+    return value
 
 
 def check_init(init):
-    """'random' or 'zero'; 'seed' (the old name of 'random') is read as 'random'."""
-    init = "random" if init == "seed" else init
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     return init
 
 
+def check_targets(targets, linears):
+    """The target names, each the last name component of some Linear of the model."""
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"targets must be a list of names like ['q_proj', 'v_proj'], "
+                        f"got {targets!r}")
+    valid = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    unknown = [t for t in targets if t not in valid]
+    if unknown or not targets:
+        raise ValueError(f"unknown targets {unknown}; "
+                         f"this model's Linear layers are named: {', '.join(valid)}")
+    return targets
+
+
+# ----------------------------------------------------------------------------- python lora.py
+
+def demo():
+    """LoRA on a toy model of two Linear layers, each claim checked as it is printed."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(32, 64)  # a batch of 32 inputs
+    y_base = base(x)
+
+    model = copy.deepcopy(base)
+    add_lora(model, r=4, alpha=1.0, init="zero")  # standard LoRA: B = 0
+    trainable, total = count_parameters(model)
+    print(f"a toy model of 2 Linear layers, {total - trainable:,} numbers; LoRA r=4 adds "
+          f"{trainable:,} trainable ones (A and B), {trainable / total:.0%} of the whole")
+    print(f"B = 0 (standard LoRA): the output equals the base's exactly: "
+          f"{torch.equal(model(x), y_base)}")
+
+    model = copy.deepcopy(base)
+    add_lora(model, r=4, alpha=0.125, init="random")  # the method: B random too
+    y_lora = model(x)
+    print(f"B random (the method), alpha 0.125: the output moved by at most "
+          f"{(y_lora - y_base).abs().max():.4f} from step 0")
+
+    merged = copy.deepcopy(model)
+    merge_lora(merged)  # W + alpha B A: plain Linear layers again
+    print(f"merged into W + alpha B A: plain nn.Linear again "
+          f"({type(merged[0]).__name__}), the output the same up to rounding "
+          f"(max difference {(merged(x) - y_lora).abs().max():.1e})")
+
+    frozen = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
+    lora = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    loss = (model(x) - torch.randn(32, 10)).pow(2).mean()  # any loss will do
+    loss.backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    moved = all(not torch.equal(params[name], p) for name, p in lora.items())
+    still = all(torch.equal(params[name], p) for name, p in frozen.items())
+    print(f"one AdamW step: every A and B moved ({moved}), W and the biases stayed ({still})")
+    return moved and still
+
+
 if __name__ == "__main__":
     import sys
-    print("lora.py is the LoRA lesson, not a command; its tools have files of their own:\n"
-          "  python -m export --adapter out --format peft|merged|gguf|lora-gguf --out PATH\n"
-          "  python -m anatomy out     (what an adapter learned; was `lora.py inspect`)",
-          file=sys.stderr)
-    sys.exit(2)
+    if sys.argv[1:]:  # the tools built on this file are commands of their own
+        print("lora.py takes no arguments: it shows LoRA on a toy model. Its tools:\n"
+              "  python -m export --adapter out --format peft|merged|gguf|lora-gguf --out PATH\n"
+              "  python -m anatomy out     (what an adapter learned)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0 if demo() else 1)

@@ -10,20 +10,15 @@ chooses each next token: greedy, or sampled with a temperature, top-k and top-p.
 the base, and far past the trained alpha the method's "concussion" shows (the model forgets how
 to write).
 """
-import argparse
-import json
-import math
 import sys
-from pathlib import Path
 
 import torch
 
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, add_formula_flags, alphas, check_formula_flags,
-                    complete, is_peft_folder, load, pick_adapter, pick_device, pick_dtype,
-                    positive, seed)
 from data import SEPARATOR
 from llama import DEFAULT_MODEL, generate, greedy
+from machinery import adapters, cli, command, loading, prompts
+from machinery.device import device_and_dtype
 
 
 # ----------------------------------------------------------------------------- the next token
@@ -61,78 +56,14 @@ def filter_logits(logits, temperature, top_k=None, top_p=None):
     return logits
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- prompts, tags
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,  # prog: under torchrun too
-                                formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("prompts", nargs="*", help='prompts such as "<quote> | tags:" (" | tags:" is added '
-        "where missing)")
-    add("--prompts-file", help="file with one prompt a line (default: none)")
-    add("--jsonl", action="store_true", help='print {"prompt", "completion"} a line, for scripts')
-    add("--model", default=None,
-        help=f"hub id or HF folder (default: the adapter's base, else {DEFAULT_MODEL})")
-    add("--adapter", default=None, help="train.py --out folder, adapter file or PEFT folder "
-        f"(default: {DEFAULT_OUT}/ if present)")
-    add("--no-adapter", action="store_true", help="the base model alone")
-    add("--alpha", type=float, default=None,
-        help="override the adapter's alpha (try 4 or 16 to watch the 'concussion'; "
-        "default: the adapter's)")
-    add("--alpha-sweep", type=alphas, default=None, metavar="A,B,...",
-        help="write each prompt at each of these alphas, e.g. 0,0.25,1,4,16 (default: once)")
-    add("--max-new-tokens", type=positive(int), default=32, help="upper bound on generated tokens")
-    add("--temperature", type=float, default=0.0, help="0 = greedy")
-    add("--top-k", type=positive(int), default=None,
-        help="sample among the k likeliest tokens (default: all)")
-    add("--top-p", type=float, default=None,
-        help="sample within the smallest set of probability >= p (default: 1, all)")
-    add("--seed", type=seed, default=0, help="seed of the sampler")
-    add("--batch-size", type=positive(int), default=16, help="prompts generated together")
-    add("--device", default="auto", help="auto, cuda, mps or cpu")
-    add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-        help="compute dtype")
-    add_formula_flags(p, "generate with the speed chapter (speed/): prompts read packed, "
-                      "one-query attention on the CPU; the same tokens, faster")
-    args = p.parse_args(argv)
-    check_formula_flags(p, args)
-    if args.adapter and args.no_adapter:
-        p.error("--adapter and --no-adapter contradict each other")
-    if args.alpha_sweep and (args.no_adapter or args.alpha is not None):
-        p.error(f"--alpha-sweep scales an adapter: it contradicts "
-                f"{'--no-adapter' if args.no_adapter else '--alpha'}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan reaches the sampler
-        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0: off
-        p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    return args
-
-
-def read_prompts(args):
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path}: no such file")
-        # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of prompt 1
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        prompts += [line for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError("no prompt: pass one as an argument or use --prompts-file")
-    for i, prompt in enumerate(prompts):
-        if not prompt.strip():
-            raise ValueError(f"prompt {i + 1} is empty")
-    return prompts
-
-
-def shape_prompts(prompts):
+def shape_prompts(texts):
     """Each prompt in the shape of the training text, 'quote | tags:'. Without the separator the
     model has no cue to write tags; a space after it is a token training never put there (each
     tag token carries its own leading space), and it changes what the model writes."""
-    shaped = [p.rstrip() for p in prompts]
-    lacking = [i for i, p in enumerate(shaped) if SEPARATOR not in p]
+    shaped = [t.rstrip() for t in texts]
+    lacking = [i for i, t in enumerate(shaped) if SEPARATOR not in t]
     for i in lacking:
         shaped[i] += SEPARATOR
     if lacking:
@@ -142,78 +73,83 @@ def shape_prompts(prompts):
     return shaped
 
 
-def complete_prompts(model, tokenizer, prompts, args, device, dtype):
-    """Completions of the prompts (texts), in their order: common.complete() with this file's
-    sampler, seeded by --seed; with --kernels, the speed chapter's packed generation."""
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+def complete_prompts(model, tokenizer, texts, args, device, dtype):
+    """The completions of the prompts (texts), in their order, seeded by --seed; with --kernels,
+    the speed chapter's packed generation."""
+    ids = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]  # as training read them
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pick = sampler(args.temperature, args.top_k, args.top_p, generator)
+    generate_fn = generate
     if args.kernels:
-        from speed.generate import generate_packed
-        return complete(model, tokenizer, ids, args, device, dtype, pick, generate_packed)
-    return complete(model, tokenizer, ids, args, device, dtype, pick, generate)
+        from speed.generate import generate_packed as generate_fn  # the chapter, when asked
+    return prompts.complete(model, tokenizer, ids, args, device, dtype, pick, generate_fn)
 
 
-def sweep(model, tokenizer, prompts, args, device, dtype):
-    """[(alpha, completions of all prompts)] for each --alpha-sweep alpha, in its order. A list,
-    not a dict keyed by alpha: "0.5,0.50" gives two lines, as eval.py gives two rows. The adapter
-    stays apart from W (not merged): set_alpha rescales the same B A in every LoraModule."""
+def sweep(model, tokenizer, texts, args, device, dtype):
+    """[(alpha, completions of all prompts)] for each --alpha-sweep alpha, in its order. The
+    adapter stays apart from W (not merged): set_alpha rescales the same B A in every
+    LoraModule."""
     if not lora.lora_modules(model):
         raise ValueError("--alpha-sweep needs an adapter, and none was loaded (pass --adapter)")
     by_alpha = []
     for alpha in args.alpha_sweep:
         lora.set_alpha(model, alpha)
-        by_alpha.append((alpha, complete_prompts(model, tokenizer, prompts, args, device,
-                                                  dtype)))
+        by_alpha.append((alpha, complete_prompts(model, tokenizer, texts, args, device, dtype)))
     return by_alpha
 
 
-def print_sweep(prompts, by_alpha, jsonl):
-    """One block per prompt, one line per alpha: the completions side by side, newlines shown as
-    \\n (repr) so that each stays on its line. --jsonl: {"prompt", "alpha", "completion"} rows."""
-    width = max(len(f"{alpha:g}") for alpha, _ in by_alpha)
-    for i, prompt in enumerate(prompts):
-        if not jsonl:
-            print(prompt)
-        for alpha, completions in by_alpha:
-            row = {"prompt": prompt, "alpha": alpha, "completion": completions[i]}
-            print(json.dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")
+def write(args):
+    """Load the model and its adapter, then write: once, or once per --alpha-sweep alpha.
+    Returns (the prompts as shaped, their completions or the sweep's)."""
+    texts = prompts.read_prompts(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    adapter, read = loading.pick(args), adapters.read  # --adapter, else out/ if train.py wrote it
+    if loading.is_peft_folder(adapter):  # PEFT's format is a chapter, imported for its folders
+        from export.peft import read_peft as read
+    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "sample.py", read)
+    if args.kernels:
+        from speed import kernels  # the speed chapter, imported only when asked for
+        kernels.use(model)
+    texts = shape_prompts(texts)  # its note after the loading lines, and only if it loaded
+    if args.alpha_sweep:
+        return texts, sweep(model, tokenizer, texts, args, device, dtype)
+    # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
+    # costs the base model's products, not two more small ones (and casts) per Linear.
+    lora.merge_lora(model)
+    return texts, complete_prompts(model, tokenizer, texts, args, device, dtype)
+
+
+def parse_args(argv=None):
+    p = cli.parser("sample.py", __doc__)
+    add = p.add_argument
+    add("prompts", nargs="*", help='prompts such as "<quote> | tags:" (" | tags:" is added '
+        "where missing)")
+    add("--alpha", type=float, default=None,
+        help="override the adapter's alpha (try 4 or 16 to watch the 'concussion'; "
+        "default: the adapter's)")
+    add("--alpha-sweep", type=cli.alphas, default=None, metavar="A,B,...",
+        help="write each prompt at each of these alphas, e.g. 0,0.25,1,4,16 (default: once)")
+    add("--max-new-tokens", type=cli.positive(int), default=32,
+        help="upper bound on generated tokens")
+    add("--temperature", type=float, default=0.0, help="0 = greedy")
+    add("--top-k", type=cli.positive(int), default=None,
+        help="sample among the k likeliest tokens (default: all)")
+    add("--top-p", type=float, default=None,
+        help="sample within the smallest set of probability >= p (default: 1, all)")
+    cli.add_sample_flags(p, DEFAULT_MODEL)  # --adapter, --model, --prompts-file, --device, ...
+    return cli.parse_sample(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        prompts = read_prompts(args)
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-        adapter, read = pick_adapter(args), lora.read_adapter
-        if is_peft_folder(adapter):  # PEFT's format is a chapter, imported only for its folders
-            from export.peft import read_peft as read
-        model, tokenizer = load(args, adapter, device, dtype, "sample.py", read)
-        if args.kernels:
-            from speed import kernels  # the speed chapter, imported only when asked for
-            kernels.use(model)
-        prompts = shape_prompts(prompts)  # its note after load's lines, and only if it loaded
-        if args.alpha_sweep:
-            by_alpha = sweep(model, tokenizer, prompts, args, device, dtype)
-        else:
-            # Sampling never changes the adapter: fold alpha * B A into each W once, and every new
-            # token costs the base model's products, not two more small ones (and casts) per
-            # Linear.
-            lora.merge_lora(model)
-            completions = complete_prompts(model, tokenizer, prompts, args, device, dtype)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to clean up
-        print("sample.py: interrupted", file=sys.stderr)
-        return 130
+    status, result = command.run_quietly("sample.py", write, args)  # errors: one line, exit 2
+    if status is not None:
+        return status
+    texts, written = result
     if args.alpha_sweep:
-        print_sweep(prompts, by_alpha, args.jsonl)
-        return 0
-    for prompt, completion in zip(prompts, completions):
-        row = {"prompt": prompt, "completion": completion}
-        print(json.dumps(row) if args.jsonl else prompt + completion)
+        prompts.print_sweep(texts, written, args.jsonl)  # a block a prompt, a line an alpha
+    else:
+        prompts.print_completions(texts, written, args.jsonl)
     return 0
 
 

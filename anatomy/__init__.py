@@ -36,8 +36,10 @@ import sys
 import torch
 
 import lora
-from common import (DEFAULT_OUT, HelpFormatter, can_plot, load, plot_path_problem, progress,
-                    pyplot, save_figure)
+from machinery.loading import model_with_adapter
+from machinery.cli import DEFAULT_OUT, HelpFormatter
+from machinery.plots import can_plot, plot_path_problem, pyplot, save_figure
+from machinery.progress import progress
 from export.peft import read_any
 
 # The heatmap's columns, in the order a layer computes them; lm_head comes after the last layer.
@@ -181,7 +183,7 @@ def parse_args(argv=None):
                    help="print one JSON object: every module's numbers and their medians")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw the heatmaps into this PNG (needs matplotlib; default: none)")
-    p.set_defaults(alpha=None, attention="sdpa")  # what common.load reads
+    p.set_defaults(alpha=None, attention="sdpa")  # what model_with_adapter reads
     return p.parse_args(argv)
 
 
@@ -194,7 +196,8 @@ def main(argv=None):
             raise ValueError(f"--plot {args.plot}: {problem}")
         # float32: the base's own numbers (a bf16 checkpoint converts exactly); the sums that
         # make the norms are float64 in update_anatomy.
-        model, _ = load(args, args.adapter, "cpu", torch.float32, "python -m anatomy", read_any)
+        model, _ = model_with_adapter(args, args.adapter, "cpu", torch.float32,
+                                      "python -m anatomy", read_any)
         rows = model_anatomy(model)
         if not rows:
             raise ValueError(f"{args.adapter}: the adapter holds no LoRA module")

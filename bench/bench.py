@@ -32,8 +32,10 @@ from bench.measure import (matmul_peak, peak_memory_mb, quantile, reset_peak_mem
                            train_flops)
 from bench.sides import (TARGETS, Ours, Peft, adapter_weights, copy_adapter, train_step,
                          validation_loss)
-from common import LR, HelpFormatter, dtype_choice, pick_device, positive, seed
-from hub import resolve_model_dir
+from machinery import adapters, data_files
+from machinery.cli import LR, HelpFormatter, positive, seed
+from machinery.device import dtype_choice, pick_device
+from machinery.hub import resolve_model_dir
 
 SIDES = ("plain", "kernels", "peft")
 
@@ -59,7 +61,7 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="hub repo id or local HF folder")
-    p.add_argument("--data", default=data.DEFAULT_DATASET,
+    p.add_argument("--data", default=data_files.DEFAULT_DATASET,
                    help="hub dataset id or local quotes JSONL file")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
@@ -167,8 +169,8 @@ def bench(args):
     dtype, why = dtype_choice(args.dtype, device)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = resolve_model_dir(args.model)
-    train_set, val_set, tokenizer, _ = data.load_dataset(model_dir, args.data, args.max_len, 0.1,
-                                                         args.seed)
+    train_set, val_set, tokenizer, _ = data_files.load_dataset(model_dir, args.data,
+                                                               args.max_len, 0.1, args.seed)
     all_batches = data.batches(train_set, args.batch_size, tokenizer.eos_id, seed=args.seed,
                                epoch=0)
     train_batches = [b for _, b in zip(range(args.warmup + args.steps), all_batches)]
@@ -292,7 +294,7 @@ def bench_generation(sides, prompts, args, device, dtype, result):
     side: sample.py's way (plain: llama.generate; kernels: the packed one), and transformers'."""
     first = sides[0]
     if args.adapter:
-        lora.load_adapter(first.model, args.adapter)
+        adapters.load(first.model, args.adapter)
     weights = adapter_weights(first.model)
     alpha = next(iter(lora.lora_modules(first.model).values())).alpha
     for side in sides[1:]:
@@ -303,7 +305,7 @@ def bench_generation(sides, prompts, args, device, dtype, result):
                 if isinstance(m, LoraLayer):
                     m.scaling["default"] = alpha  # PEFT's scale, lora_alpha / r, is our alpha
         else:
-            lora.load_adapter(side.model, ({f"{n}.lora_module.{i}.weight": t[i]
+            adapters.load(side.model, ({f"{n}.lora_module.{i}.weight": t[i]
                                             for n, t in weights.items() for i in (0, 1)},
                                            {"r": args.r, "alpha": alpha, "base_config": {},
                                             "base_model": "", "init": "random"}))

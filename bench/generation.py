@@ -6,7 +6,7 @@ import time
 import torch
 
 from bench.measure import sync
-from common import autocast
+from machinery.device import autocast
 
 
 def time_generation(sides, prompts, args, device, dtype):

@@ -16,7 +16,8 @@ import time
 import torch
 
 from bench.measure import sync
-from common import HelpFormatter, pick_device, positive
+from machinery.cli import HelpFormatter, positive
+from machinery.device import pick_device
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names; getattr(torch, name) takes them
 

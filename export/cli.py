@@ -19,8 +19,9 @@ import sys
 import torch
 
 import lora
-from checkpoint import check_out_dir, run_beside
-from common import HelpFormatter, positive
+from machinery import adapters
+from machinery.checkpoint import check_out_dir, run_beside
+from machinery.cli import HelpFormatter, positive
 from data import QuoteTokenizer
 from export.check import agreement, greedy_completions, held_out_prompts
 from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf  # gguf itself: lazily
@@ -85,7 +86,7 @@ def load_model(args):
         raise ValueError(f"{args.adapter} does not record its base model; pass --model")
     # Merge in float32 whatever the base's dtype: the exports round once, into their own type.
     model = Llama.from_pretrained(base, dtype=torch.float32)
-    lora.load_adapter(model, (tensors, meta))
+    adapters.load(model, (tensors, meta))
     return model
 
 
@@ -115,7 +116,7 @@ def read_back(path, args, model):
     if args.format == "gguf":
         return model_from_gguf(path, model.model_dir)
     fresh = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
-    lora.load_adapter(fresh, read_lora_gguf(path, fresh.config))
+    adapters.load(fresh, read_lora_gguf(path, fresh.config))
     return fresh
 
 

@@ -22,7 +22,8 @@ such an adapter is refused, by name: train with --targets leaving lm_head out, o
 from pathlib import Path
 
 import lora
-from checkpoint import write_atomic
+from machinery import adapters
+from machinery.checkpoint import write_atomic
 from data import QuoteTokenizer
 from export.gguf import (decode, encode, gguf_name, heads_of, hf_name, modelfile,
                          require_gguf, rope_pairs_adjacent, rope_pairs_split)
@@ -53,7 +54,7 @@ def export_lora_gguf(model, out_dir, weight_type="f32"):
     if weight_type not in LORA_TYPES:
         raise ValueError(f"a LoRA GGUF stores A and B as {', '.join(LORA_TYPES)} "
                          f"(--type {weight_type} packs rows by 32 numbers, and B's are r long)")
-    tensors, meta = lora.adapter_of_model(model)
+    tensors, meta = adapters.adapter_of_model(model)
     config = model.config
     check_tied_head(meta["targets"], config.tie_word_embeddings)
     eos_texts = [QuoteTokenizer.from_model_dir(model.model_dir).tokenizer.id_to_token(i)
@@ -83,7 +84,7 @@ def export_lora_gguf(model, out_dir, weight_type="f32"):
 
 
 def read_lora_gguf(path, config):
-    """(tensors, metadata) of a GGUF LoRA, in lora.py's names and alpha: what lora.load_adapter
+    """(tensors, metadata) of a GGUF LoRA, in lora.py's names and alpha: what adapters.load
     takes. config: the base's LlamaConfig (the file has no head counts; B's q and k rows go back
     to HF's order with them)."""
     gguf = require_gguf()

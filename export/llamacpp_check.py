@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import run_beside
-from common import positive
+from machinery import adapters
+from machinery.checkpoint import run_beside
+from machinery.cli import positive
 from data import QuoteTokenizer
 from export.check import greedy_completions, held_out_prompts
 from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf
@@ -112,8 +113,8 @@ def compare(name, kv_cache, rows, why, ours, reference, ids, tokenizer):
 
 
 def without_head(model):
-    """The adapter of `model` less its lm_head part: (tensors, metadata) for lora.load_adapter."""
-    tensors, meta = lora.adapter_of_model(model)
+    """The adapter of `model` less its lm_head part: (tensors, metadata) for adapters.load."""
+    tensors, meta = adapters.adapter_of_model(model)
     kept = {k: t.clone() for k, t in tensors.items() if not k.startswith("lm_head.")}
     return kept, {**meta, "targets": [t for t in meta["targets"] if t != "lm_head"]}
 
@@ -143,7 +144,7 @@ def check(args, work):
     """Export every file into work, run each in the project and in llama.cpp; the results."""
     tensors, meta = read_any(args.adapter)
     model = Llama.from_pretrained(args.model or meta["base_model"], dtype=torch.float32)
-    lora.load_adapter(model, (tensors, meta))
+    adapters.load(model, (tensors, meta))
     model_dir = model.model_dir
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     prompts = held_out_prompts(model_dir, args.data, args.n, run_beside(args.adapter)[1])
@@ -192,7 +193,7 @@ def export_lora(model, work, tokenizer, prompts, results):
     expected = results["sample_py"]
     less_head = results.pop("without_head", None)
     if less_head and less_head[0]:  # not an adapter on lm_head alone
-        lora.load_adapter(base, less_head)
+        adapters.load(base, less_head)
         export_lora_gguf(base, work / "lora", "f32")
         expected = sample_py(base, tokenizer, prompts)
         results["without_head_eq_sample"] = sum(a == b for a, b in zip(expected,
@@ -201,7 +202,7 @@ def export_lora(model, work, tokenizer, prompts, results):
     if not lora_path.is_file():
         return []
     read_back = Llama.from_pretrained(model.model_dir, dtype=torch.float32)
-    lora.load_adapter(read_back, read_lora_gguf(lora_path, read_back.config))
+    adapters.load(read_back, read_lora_gguf(lora_path, read_back.config))
     ours = sample_py(read_back, tokenizer, prompts)
     name = "base f32 + LoRA" + (" less lm_head" if less_head else "")
     return [(name, work / "base-f32" / GGUF_FILE, lora_path, ours, expected)]

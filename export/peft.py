@@ -6,7 +6,8 @@ that change the arithmetic) and adapter_model.safetensors, keys
 `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r). PEFT scales
 B A by lora_alpha / r, so our alpha is lora_alpha / r (lora.py's docstring says why this
 matters when r changes). On lm_head PEFT also saves the base's own head
-(`...lm_head.base_layer.weight`), which lora.check_fits compares with the model's.
+(`...lm_head.base_layer.weight`), which machinery/adapters.py's check_fits compares with the
+model's.
 
     python -m export --adapter out --format peft --out out-peft
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import lora
-from checkpoint import write_atomic
+from machinery import adapters
+from machinery.checkpoint import write_atomic
 
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 # Every option of adapter_config.json (the fields of peft 0.21's LoraConfig and PeftConfig) is in
@@ -75,8 +77,8 @@ def _check_peft_config(folder, config):
 
 def read_peft(folder):
     """(tensors, metadata) of a PEFT adapter folder, in lora.py's names and alpha: what
-    lora.load_adapter takes. Raises FileNotFoundError, or ValueError naming the folder and the
-    option for anything but plain LoRA."""
+    machinery/adapters.py's load takes. Raises FileNotFoundError, or ValueError naming the folder
+    and the option for anything but plain LoRA."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder}: no adapter_config.json, not a PEFT adapter folder")
@@ -96,7 +98,7 @@ def read_peft(folder):
             tensors[f"{match[1]}.lora_module.{'AB'.index(match[2])}.weight"] = t
         elif key.startswith("base_model.model.") and ".lora_" not in key:
             # PEFT saves the base's own lm_head (or a resized embedding) beside its LoRA:
-            # lora.check_fits makes sure it is the model's.
+            # adapters.check_fits makes sure it is the model's.
             name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
             base_weights[name] = (key, t)
         else:
@@ -115,15 +117,15 @@ def read_peft(folder):
 
 def read_any(path):
     """(tensors, metadata) of a PEFT folder (read_peft) or of one of our adapters
-    (lora.read_adapter)."""
+    (machinery/adapters.py's read)."""
     if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
         return read_peft(path)
-    return lora.read_adapter(path)
+    return adapters.read(path)
 
 
 def import_peft(model, peft_dir, alpha=None):
-    """Put a PEFT adapter into the model (lora.load_adapter); returns its metadata."""
-    return lora.load_adapter(model, read_peft(peft_dir), alpha)
+    """Put a PEFT adapter into the model (adapters.load); returns its metadata."""
+    return adapters.load(model, read_peft(peft_dir), alpha)
 
 
 def export_peft(source, out_dir, base_model=None):
@@ -132,7 +134,7 @@ def export_peft(source, out_dir, base_model=None):
     if isinstance(source, (str, Path)):
         tensors, meta = read_any(source)
     else:
-        tensors, meta = lora.adapter_of_model(source)
+        tensors, meta = adapters.adapter_of_model(source)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=meta["r"],
                   lora_alpha=meta["alpha"] * meta["r"], target_modules=meta["targets"],
                   base_model_name_or_path=base_model or meta["base_model"] or None,

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 import data
-from common import autocast, pick_device, positive
-from hub import resolve_model_dir
+from machinery.cli import positive
+from machinery.data_files import read_quotes
+from machinery.device import autocast, pick_device
+from machinery.hub import resolve_model_dir
 from llama import Llama
 from speed import kernels
 
@@ -30,7 +32,7 @@ from speed import kernels
 def prompts(model_dir, quotes_file, n):
     """Token ids of n prompts: the first n quotes of the file as sample.py prompts them."""
     tokenizer = data.QuoteTokenizer.from_model_dir(model_dir)
-    pairs, _ = data.read_quotes(quotes_file)
+    pairs, _ = read_quotes(quotes_file)
     return [[tokenizer.bos_id] + tokenizer.encode(data.prompt_text(quote))
             for quote, _ in pairs[:n]]
 

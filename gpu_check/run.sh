@@ -195,7 +195,7 @@ setup() {
     "$PY" - "$DEVICE" <<'EOF'
 import platform, sys
 import torch
-import common
+from machinery.device import dtype_choice
 device = sys.argv[1]
 print(f"python {platform.python_version()}, torch {torch.__version__}, "
       f"CUDA {torch.version.cuda}, {torch.get_num_threads()} CPU threads")
@@ -205,7 +205,7 @@ if device == "cuda":
     p = torch.cuda.get_device_properties(0)
     print(f"{torch.cuda.device_count()} x {p.name}, compute capability {p.major}.{p.minor}, "
           f"{p.total_memory / 2**30:.0f} GiB")
-dtype, why = common.dtype_choice("auto", device)
+dtype, why = dtype_choice("auto", device)
 print(f"--dtype auto on {device}: {str(dtype)[6:]} ({why})")
 EOF
 }

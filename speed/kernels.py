@@ -22,6 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+import data
 import llama
 
 
@@ -319,8 +320,23 @@ class Llama(llama.Llama):
         with rebuild_instead_of_keeping() if rebuild else contextlib.nullcontext():
             return super().hidden_states(*args, **kwargs)
 
-    def loss_sum(self, h, targets):
-        return linear_cross_entropy(h, self.lm_head, targets)
+    def forward(self, tokens, positions=None, cache=None, attn_mask=None, logits_at=None,
+                targets=None):
+        """llama.Llama.forward; with targets (B, T) (IGNORE_INDEX where no loss is), the summed
+        cross-entropy of section 4 instead of the logits: they are never kept whole."""
+        if targets is None:
+            return super().forward(tokens, positions, cache, attn_mask, logits_at)
+        where = targets != data.IGNORE_INDEX  # (B, T)
+        h = self.hidden_states(tokens, positions, cache, attn_mask)[where]  # (N, d)
+        return linear_cross_entropy(h, self.lm_head, targets[where])
+
+
+def loss_sum(model, batch, kind="ce"):
+    """data.loss_sum with lm_head and the cross-entropy fused in chunks (section 4); through
+    model(...), so that DDP sees the forward pass. The sigmoid loss has no fused form."""
+    if kind != "ce":
+        return data.loss_sum(model, batch, kind)
+    return model(batch["input_tokens"], targets=batch["targets"])
 
 
 # ----------------------------------------------------------------------------- 6. the switch

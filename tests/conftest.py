@@ -124,9 +124,9 @@ def three_epochs(setup, tmp_path_factory):
     runs once in each module that asks for it (test_train.py, test_resume.py, test_plot.py)."""
     import torch
 
-    import checkpoint
     import lora
     import train
+    from machinery import adapters, checkpoint
     from tiny_run import three_epoch_args
     out = tmp_path_factory.mktemp("three_epochs") / "out"
     seen = {"saves": []}
@@ -145,7 +145,7 @@ def three_epochs(setup, tmp_path_factory):
     def save(out, model, optimizer, scaler, position, base_model, best_too=False):
         real_save(out, model, optimizer, scaler, position, base_model, best_too)
         ckpt = torch.load(Path(out) / checkpoint.CHECKPOINT, weights_only=False)
-        saved_alpha = lora.read_adapter(Path(out) / checkpoint.LAST_ADAPTER)[1]["alpha"]
+        saved_alpha = adapters.read(Path(out) / checkpoint.LAST_ADAPTER)[1]["alpha"]
         seen["saves"].append((ckpt["step"], ckpt["epoch"], saved_alpha))
 
     with pytest.MonkeyPatch.context() as mp:

@@ -13,22 +13,22 @@ import torch
 import torch.nn as nn
 
 import lora
-from checkpoint import write_atomic
+from machinery.checkpoint import write_atomic
 from export.peft import export_peft, import_peft
 from llama import Llama
-from lora import (add_lora, count_parameters, load_adapter, lora_modules, lora_state_dict,
-                  save_adapter)
+from lora import add_lora, count_parameters, lora_modules, lora_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import TOKENS, randomize_b
+from machinery import adapters
 
 
 def test_save_load_round_trip_gives_the_same_logits(untied, base_models, tiny_dirs, tmp_path):
     add_lora(untied, r=4, alpha=0.25, targets=["q_proj", "v_proj", "down_proj"])
     randomize_b(untied)
-    path = save_adapter(untied, tmp_path / "a.safetensors", base_model=str(tiny_dirs["untied"]))
+    path = adapters.save(untied, tmp_path / "a.safetensors", base_model=str(tiny_dirs["untied"]))
     fresh = copy.deepcopy(base_models["untied"])
-    meta = load_adapter(fresh, path)
+    meta = adapters.load(fresh, path)
     assert (meta["r"], meta["alpha"]) == (4, 0.25)
     assert meta["targets"] == ["down_proj", "q_proj", "v_proj"]
     assert meta["base_model"] == str(tiny_dirs["untied"])
@@ -39,17 +39,17 @@ def test_save_load_round_trip_gives_the_same_logits(untied, base_models, tiny_di
 def test_save_adapter_into_a_folder_and_load_from_the_folder(untied, base_models, tmp_path):
     add_lora(untied, r=2)
     randomize_b(untied)
-    path = save_adapter(untied, tmp_path, base_model="x")
+    path = adapters.save(untied, tmp_path, base_model="x")
     assert path == tmp_path / "adapter.safetensors"
     fresh = copy.deepcopy(base_models["untied"])
-    load_adapter(fresh, tmp_path)
+    adapters.load(fresh, tmp_path)
     assert torch.equal(fresh(TOKENS), untied(TOKENS))
 
 
 def test_adapter_file_holds_only_lora_tensors_and_metadata(tied, tmp_path):
     add_lora(tied, r=2, alpha=0.125, init="zero", targets=["q_proj", "lm_head"])
     base = "meta-llama/Llama-3.2-1B-Instruct"
-    path = save_adapter(tied, tmp_path / "a.safetensors", base_model=base)
+    path = adapters.save(tied, tmp_path / "a.safetensors", base_model=base)
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
@@ -61,9 +61,9 @@ def test_adapter_file_holds_only_lora_tensors_and_metadata(tied, tmp_path):
 
 def test_load_alpha_overrides_the_saved_alpha(untied, base_models, tmp_path):
     add_lora(untied, r=2, alpha=0.25)
-    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    adapters.save(untied, tmp_path / "a.safetensors", base_model="x")
     fresh = copy.deepcopy(base_models["untied"])
-    load_adapter(fresh, tmp_path / "a.safetensors", alpha=2.0)
+    adapters.load(fresh, tmp_path / "a.safetensors", alpha=2.0)
     assert {m.alpha for m in lora_modules(fresh).values()} == {2.0}
 
 
@@ -71,29 +71,29 @@ def test_load_into_a_model_that_already_has_lora_replaces_its_weights(untied, ba
                                                                          tmp_path):
     add_lora(untied, r=2, alpha=0.5)
     randomize_b(untied, seed=1)
-    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    adapters.save(untied, tmp_path / "a.safetensors", base_model="x")
     other = copy.deepcopy(base_models["untied"])
     add_lora(other, r=2, alpha=3.0)
-    load_adapter(other, tmp_path / "a.safetensors")
+    adapters.load(other, tmp_path / "a.safetensors")
     assert torch.equal(other(TOKENS), untied(TOKENS))
 
 
 def test_load_with_another_rank_is_refused(untied, base_models, tmp_path):
     add_lora(untied, r=2)
-    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    adapters.save(untied, tmp_path / "a.safetensors", base_model="x")
     other = copy.deepcopy(base_models["untied"])
     add_lora(other, r=4)
     message = r"adapter has rank r=2, the model's LoRA modules have r=\[4\]"
     with pytest.raises(ValueError, match=message):
-        load_adapter(other, tmp_path / "a.safetensors")
+        adapters.load(other, tmp_path / "a.safetensors")
 
 
 def test_load_an_adapter_of_another_model_size_is_refused(untied, tied, tmp_path):
     add_lora(untied, r=2)
-    save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    adapters.save(untied, tmp_path / "a.safetensors", base_model="x")
     message = "trained on a base with hidden_size=48, this model has hidden_size=64"
     with pytest.raises(ValueError, match=message):
-        load_adapter(tied, tmp_path / "a.safetensors")
+        adapters.load(tied, tmp_path / "a.safetensors")
     assert not lora_modules(tied)  # refused before touching the model
 
 
@@ -101,24 +101,24 @@ def test_load_a_tensor_of_another_shape_names_the_key_and_both_shapes(tmp_path):
     """No config here: the tensor shapes alone decide."""
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     add_lora(model, r=2)
-    save_adapter(model, tmp_path / "a.safetensors", base_model="x")
+    adapters.save(model, tmp_path / "a.safetensors", base_model="x")
     wider = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
     message = r"2\.lora_module\.1\.weight: adapter has shape \(4, 2\), model expects \(5, 2\)"
     with pytest.raises(ValueError, match=message):
-        load_adapter(wider, tmp_path / "a.safetensors")
+        adapters.load(wider, tmp_path / "a.safetensors")
 
 
 def test_load_missing_file_names_the_path(untied, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        load_adapter(untied, tmp_path / "nope.safetensors")
+        adapters.load(untied, tmp_path / "nope.safetensors")
 
 
 def test_load_a_file_that_is_not_an_adapter_is_refused(untied, tiny_dirs, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all" * 4)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        load_adapter(untied, tmp_path / "junk.safetensors")
+        adapters.load(untied, tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="not a LoRA adapter written by lora.py"):
-        load_adapter(untied, tiny_dirs["untied"] / "model.safetensors")  # a whole model
+        adapters.load(untied, tiny_dirs["untied"] / "model.safetensors")  # a whole model
 
 
 def test_load_goes_by_the_shapes_not_by_the_base_name(untied, base_models, tmp_path):
@@ -126,11 +126,11 @@ def test_load_goes_by_the_shapes_not_by_the_base_name(untied, base_models, tmp_p
     adapter loads, silently, and keeps its name; sample.py and eval.py warn in one line
     (test_sample.py::test_an_adapter_of_a_base_by_another_name_warns_in_one_line)."""
     add_lora(untied, r=2)
-    save_adapter(untied, tmp_path / "a.safetensors", base_model="org/trained-on")
+    adapters.save(untied, tmp_path / "a.safetensors", base_model="org/trained-on")
     other = copy.deepcopy(base_models["untied"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        meta = load_adapter(other, tmp_path / "a.safetensors")
+        meta = adapters.load(other, tmp_path / "a.safetensors")
     assert meta["base_model"] == "org/trained-on"
     mine, theirs = lora_state_dict(other), lora_state_dict(untied)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs) and mine.keys() == theirs.keys()
@@ -138,7 +138,7 @@ def test_load_goes_by_the_shapes_not_by_the_base_name(untied, base_models, tmp_p
 
 def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp_path):
     add_lora(untied, r=2)
-    path = save_adapter(untied, tmp_path / "a.safetensors", base_model="x")
+    path = adapters.save(untied, tmp_path / "a.safetensors", base_model="x")
     before = path.read_bytes()
 
     def crash(tensors, filename, metadata=None):
@@ -148,7 +148,7 @@ def test_a_crash_while_saving_keeps_the_earlier_adapter(untied, monkeypatch, tmp
 
     monkeypatch.setattr(lora, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_adapter(untied, path, base_model="x")
+        adapters.save(untied, path, base_model="x")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
 
@@ -167,9 +167,9 @@ def test_an_adapter_written_by_earlier_versions_still_loads(untied, base_models,
                     base_model="org/base", base_config=json.dumps(base_config))
     save_file(tensors, tmp_path / "old.safetensors", metadata=old_meta)
     fresh = copy.deepcopy(base_models["untied"])
-    load_adapter(fresh, tmp_path / "old.safetensors")
+    adapters.load(fresh, tmp_path / "old.safetensors")
     assert torch.equal(fresh(TOKENS), untied(TOKENS))
-    new = save_adapter(untied, tmp_path / "new.safetensors", base_model="org/base")
+    new = adapters.save(untied, tmp_path / "new.safetensors", base_model="org/base")
     with safe_open(new, "pt") as f:
         assert f.metadata() == {**old_meta, "init": "random"}
         assert set(f.keys()) == set(tensors)

@@ -1,4 +1,4 @@
-"""anatomy/ (`python -m anatomy ADAPTER`, formerly `python lora.py inspect`): the numbers of each
+"""anatomy/ (`python -m anatomy ADAPTER`): the numbers of each
 update dW = alpha B A.
 
 Oracles: values computed by hand for a hand-built W and a rank-1 update; numpy's SVD of the dense
@@ -16,9 +16,10 @@ import torch
 import anatomy
 from anatomy import update_anatomy
 from export.peft import export_peft
-from lora import LoraModule, add_lora, lora_modules, save_adapter
+from lora import LoraModule, add_lora, lora_modules
 from tiny import randomize_b
 from tiny_run import HANG, ROOT
+from machinery import adapters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,7 +153,7 @@ def adapter(base_models, tiny_dirs, tmp_path_factory):
     add_lora(model, r=2, alpha=0.75, targets=["q_proj", "v_proj", "lm_head"])
     randomize_b(model)
     root = tmp_path_factory.mktemp("anatomy")
-    path = save_adapter(model, root / "adapter.safetensors", base_model=str(tiny_dirs["tied"]))
+    path = adapters.save(model, root / "adapter.safetensors", base_model=str(tiny_dirs["tied"]))
     export_peft(path, root / "peft")
     return path, root / "peft", model
 
@@ -219,7 +220,7 @@ def test_cli_refuses_a_missing_adapter_in_one_line(tmp_path):
 def test_plot_without_matplotlib_is_refused_before_loading(adapter, monkeypatch, capsys):
     path, _, _ = adapter
     monkeypatch.setattr(anatomy, "can_plot", lambda: False)
-    monkeypatch.setattr(anatomy, "load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(anatomy, "model_with_adapter", lambda *a: pytest.fail("loaded a model"))
     assert anatomy.main([str(path), "--plot", "x.png"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "python -m anatomy: error: --plot needs matplotlib: pip install matplotlib"]
@@ -232,7 +233,7 @@ def test_plot_without_matplotlib_is_refused_before_loading(adapter, monkeypatch,
 def test_a_plot_path_that_cannot_be_written_is_refused_before_loading(
         adapter, tmp_path, monkeypatch, capsys, where, problem):
     path, _, _ = adapter
-    monkeypatch.setattr(anatomy, "load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(anatomy, "model_with_adapter", lambda *a: pytest.fail("loaded a model"))
     png = tmp_path / where
     assert anatomy.main([str(path), "--plot", str(png)]) == 2
     assert capsys.readouterr().err.splitlines() == [
@@ -268,11 +269,10 @@ def test_help_shows_the_adapters_default():
 
 
 def test_lora_py_run_as_a_command_points_to_python_m_anatomy():
-    """lora.py is the lesson, no command any more: `python lora.py inspect` says where the
-    anatomy went, in a few lines, with no traceback."""
+    """lora.py is the lesson, and given arguments it runs no tool: `python lora.py inspect` says
+    where the anatomy is, in a few lines, with no traceback."""
     done = subprocess.run([sys.executable, "lora.py", "inspect", "out"], cwd=ROOT,
                           capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2 and done.stdout == ""
     assert "Traceback" not in done.stderr
-    assert "python -m anatomy out     (what an adapter learned; was `lora.py inspect`)" in (
-        done.stderr)
+    assert "python -m anatomy out     (what an adapter learned)" in done.stderr

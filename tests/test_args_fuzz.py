@@ -31,6 +31,7 @@ import export.cli as export_cli
 import lora
 import sample
 import train
+from machinery import loading
 from tiny_run import run_script
 
 FUZZ = settings(max_examples=100, deadline=None)
@@ -64,7 +65,7 @@ def stubs():
         raise Parsed(args)
 
     # train.Llama is export/cli.py's Llama too (--no-adapter loads the base alone)
-    patches = [(train.Llama, "from_pretrained"), (sample, "load"), (eval_py, "load"),
+    patches = [(train.Llama, "from_pretrained"), (loading, "model_with_adapter"),
                (export_cli, "export_peft"), (export_cli, "read_any")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
     for owner, name in patches:
@@ -280,8 +281,8 @@ def test_help_shows_every_default(script, capsys):
 
 @pytest.mark.parametrize("argv, default", [
     (["-m", "export", "--help"], "(default:theonetheadapterrecords)"),
-    (["checkpoint.py", "plot", "--help"], "(default:out)"),
-], ids=["export", "checkpoint.py_plot"])
+    (["-m", "machinery", "plot", "--help"], "(default:out)"),
+], ids=["export", "machinery_plot"])
 def test_help_of_export_and_plot_shows_the_defaults(argv, default):
     done = run_script(argv)
     assert done.returncode == 0, done.stderr
@@ -342,9 +343,9 @@ def test_check_alpha_takes_exactly_the_finite_non_negative_reals(alpha):
 def test_lora_module_takes_any_settings_or_refuses_them(r, alpha, init):
     module = refused_with_a_message(
         lambda: lora.LoraModule(nn.Linear(4, 3), r=r, alpha=alpha, init=init))
-    if module is not None:  # "seed" is random's old name: read as "random"
+    if module is not None:
         assert module.r == r and module.alpha == float(alpha)
-        assert module.init == ("random" if init == "seed" else init)
+        assert module.init == init
         assert module.A.shape == (r, 4) and module.B.shape == (3, r)
 
 

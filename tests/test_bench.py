@@ -16,6 +16,7 @@ import lora
 from bench import bench as bench_py
 from bench import generation, measure, sides
 from llama import until_eos
+from machinery import data_files
 from tiny import LLAMA3_GQA_TIED, SENTENCES, write_tiny_model
 
 ROWS = [{"quote": s.split(" | tags: ")[0], "tags": s.split(" | tags: ")[1].split(", ")}
@@ -40,7 +41,7 @@ def args_for(folder, data, *extra):
 
 
 def first_batch(folder, data):
-    train_set, _, tokenizer, _ = quotes.load_dataset(folder, str(data), 256, 0.1, 0)
+    train_set, _, tokenizer, _ = data_files.load_dataset(folder, str(data), 256, 0.1, 0)
     return next(iter(quotes.batches(train_set, 4, tokenizer.eos_id, seed=0)))
 
 

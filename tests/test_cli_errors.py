@@ -14,11 +14,13 @@ import torch
 import lora
 import sample
 import train
-from data import EXPECTED_FORMAT, prompt_text
+from data import prompt_text
 from export.peft import export_peft
+from machinery.data_files import EXPECTED_FORMAT
 from llama import Llama
 from tiny import PLAIN_MHA_UNTIED, write_tiny_model
 from tiny_run import PAIRS, hashes, last_line, main_of, metrics, run_script, train_args
+from machinery import adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, run_copy: conftest.py
 
@@ -169,7 +171,7 @@ def adapter_file(setup, tmp_path_factory):
     """An adapter of the tiny model (r=4), as train.py would save it."""
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    return lora.save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
+    return adapters.save(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
                              str(setup[0]))
 
 
@@ -209,7 +211,7 @@ def test_sample_refuses_an_adapter_of_another_base(setup, tmp_path, capsys):
     other_dir = write_tiny_model(tmp_path / "other", PLAIN_MHA_UNTIED)
     other = Llama.from_pretrained(other_dir)
     lora.add_lora(other, r=4)
-    path = lora.save_adapter(other, tmp_path / "other.safetensors", str(other_dir))
+    path = adapters.save(other, tmp_path / "other.safetensors", str(other_dir))
     message = sample_error(capsys, "--model", setup[0], "--adapter", path, PAIRS[0][0])
     assert message == ("sample.py: error: adapter was trained on a base with hidden_size=48, "
                        "this model has hidden_size=64")

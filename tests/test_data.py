@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import (QuoteTokenizer, batches, build_samples, load_dataset, make_sample, prompt_text,
-                  read_quotes, sample_text)
+from data import QuoteTokenizer, batches, build_samples, make_sample, prompt_text, sample_text
+from machinery.data_files import load_dataset, read_quotes
 from tests.tiny import train_tokenizer
 from tiny_run import good_row, write_jsonl
 

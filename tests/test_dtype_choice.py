@@ -1,8 +1,8 @@
 """--dtype auto: what each kind of hardware gets, and the line that says it.
 
-Oracles: the rule of common.dtype_choice written out per case (CUDA compute capability 8.0 and
+Oracles: the rule of devices.dtype_choice written out per case (CUDA compute capability 8.0 and
 up: bf16; 7.x: float16; below: float32; MPS: float16; a CPU: bf16 only with AVX512-BF16 or AMX),
-with the probes it reads (torch.cuda.get_device_capability, common.cpu_flags) replaced; and this
+with the probes it reads (torch.cuda.get_device_capability, devices.cpu_flags) replaced; and this
 machine's /proc/cpuinfo for the probe itself.
 """
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+from machinery import device as devices
 import train
 from tiny_run import metrics, one_torch_thread, tiny_model, train_args, write_quotes
 
@@ -27,10 +27,10 @@ def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, dt
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability",
                         lambda device=None: asked.append(device) or capability)
-    got, reason = common.dtype_choice("auto", "cuda:1")
+    got, reason = devices.dtype_choice("auto", "cuda:1")
     assert got == dtype and reason.startswith(why)
     assert asked == ["cuda:1"]  # the card the run uses, not card 0
-    assert common.pick_dtype("auto", "cuda:1") == dtype
+    assert devices.pick_dtype("auto", "cuda:1") == dtype
 
 
 @pytest.mark.parametrize("flags, dtype, units", [
@@ -40,8 +40,8 @@ def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, dt
     (set(), torch.float32, None),  # nothing known about the CPU
 ], ids=["amx", "avx512_bf16", "avx2", "unknown"])
 def test_auto_on_a_cpu_takes_bf16_only_with_bf16_units(monkeypatch, flags, dtype, units):
-    monkeypatch.setattr(common, "cpu_flags", lambda: flags)
-    got, reason = common.dtype_choice("auto", "cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    got, reason = devices.dtype_choice("auto", "cpu")
     assert got == dtype
     if units:
         assert reason == f"this CPU has bf16 units ({units})"
@@ -54,7 +54,7 @@ def test_auto_on_a_cpu_takes_bf16_only_with_bf16_units(monkeypatch, flags, dtype
 def test_auto_on_mps_is_float16_where_its_grad_scaler_works(monkeypatch, version, dtype):
     """GradScaler could not step on MPS before torch 2.7 (pytorch#142397): float32 there."""
     monkeypatch.setattr(torch, "__version__", version)
-    got, reason = common.dtype_choice("auto", "mps")
+    got, reason = devices.dtype_choice("auto", "mps")
     assert got == dtype
     assert reason == ("MPS autocast: float16 (loss scaled) on every macOS" if dtype == torch.float16
                       else "MPS: float16 loss scaling needs torch 2.7 or later")
@@ -63,7 +63,7 @@ def test_auto_on_mps_is_float16_where_its_grad_scaler_works(monkeypatch, version
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "mps"])
 @pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
 def test_a_named_dtype_is_taken_as_given_on_every_device(device, name):
-    assert common.dtype_choice(name, device) == (getattr(torch, name), "as --dtype asked")
+    assert devices.dtype_choice(name, device) == (getattr(torch, name), "as --dtype asked")
 
 
 def test_cpu_flags_agree_with_proc_cpuinfo():
@@ -74,9 +74,9 @@ def test_cpu_flags_agree_with_proc_cpuinfo():
         pytest.skip("no /proc/cpuinfo (not Linux): torch.cpu.get_capabilities alone answers")
     line = next(l for l in cpuinfo.read_text().splitlines() if l.startswith("flags"))
     listed = set(line.partition(":")[2].split())
-    assert listed <= common.cpu_flags()
+    assert listed <= devices.cpu_flags()
     has_units = bool({"amx_bf16", "avx512_bf16"} & listed)
-    assert (common.cpu_bf16_units() is not None) == has_units
+    assert (devices.cpu_bf16_units() is not None) == has_units
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_loss_scaling_is_on_for_float16_only(dtype, enabled, tiny_run, monkeypat
 def test_the_runs_first_line_names_the_dtype_and_why(monkeypatch, tiny_run, capsys):
     """train.py --dtype auto on a CPU without bf16 units: float32, and the reason, in the summary
     line that opens the run's output."""
-    monkeypatch.setattr(common, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2"})
     model, quotes, new_out = tiny_run
     out = new_out()
     capsys.readouterr()

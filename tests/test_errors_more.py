@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import common
+from machinery import device as devices
 import eval as eval_py
 import export.cli as export_cli
 import lora
@@ -21,6 +21,7 @@ import train
 from export.peft import export_peft
 from llama import Llama
 from tiny_run import hashes, train_args
+from machinery import adapters, loading
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,16 +220,16 @@ def test_sample_cuda_without_cuda_is_refused(capsys):
 def test_device_names_other_than_auto_cuda_mps_cpu_are_refused(name):
     with pytest.raises(ValueError, match=re.escape(
             f"--device {name}: expected auto, cuda, cuda:N, mps or cpu")):
-        common.pick_device(name)
+        devices.pick_device(name)
 
 
 def test_a_cuda_device_number_the_machine_lacks_is_refused(monkeypatch):
     # A one-GPU machine, as torch would describe it: cuda:0 exists, cuda:1 does not.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert common.pick_device("cuda:0") == "cuda:0"
+    assert devices.pick_device("cuda:0") == "cuda:0"
     with pytest.raises(ValueError, match="this machine has 1 CUDA device"):
-        common.pick_device("cuda:1")
+        devices.pick_device("cuda:1")
 
 
 # ----------------------------------------------------------------------------- eval.py
@@ -246,7 +247,7 @@ def test_eval_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_py, "load", interrupted)
+    monkeypatch.setattr(loading, "model_with_adapter", interrupted)
     assert main_of(eval_py, capsys, ["--model", setup[0], "--no-adapter", "--device", "cpu"]) == (
         130, "eval.py: interrupted")
 
@@ -259,7 +260,7 @@ def test_export_refuses_a_peft_option_by_name_and_writes_nothing(
         setup, tmp_path, capsys, option, value):
     model = Llama.from_pretrained(setup[0])
     lora.add_lora(model, r=4)
-    folder = export_peft(lora.save_adapter(model, tmp_path / "a.safetensors", str(setup[0])),
+    folder = export_peft(adapters.save(model, tmp_path / "a.safetensors", str(setup[0])),
                          tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))

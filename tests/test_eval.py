@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-import data
 import eval as eval_py
 import lora
 from data import QuoteTokenizer
 from eval import looks_like_tags, parse_tags, tag_scores
+from machinery import adapters, data_files, loading, plots
 from tiny_run import run_script, tiny_model, train_args, write_quotes
 
 
@@ -102,7 +102,7 @@ def test_eval_scores_another_split_when_allowed_with_a_warning(run, capsys):
 def test_eval_reports_the_alpha_it_used(run, capsys):
     """Oracle: the alpha in the adapter's metadata (train.py doubled it after each epoch)."""
     out, split = run
-    saved = lora.read_adapter(out)[1]["alpha"]
+    saved = adapters.read(out)[1]["alpha"]
     assert eval_json(capsys, "--adapter", out, *split)[0]["alpha"] == saved
     assert eval_json(capsys, "--adapter", out, *split, "--alpha", 0.3)[0]["alpha"] == 0.3
 
@@ -115,7 +115,7 @@ def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monk
     quotes = tmp_path / "utf8.jsonl"
     rows = [{"quote": "x" * i + "\u65e5\u672c\u8a9e" * 20, "tags": ["life"]} for i in range(12)]
     quotes.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    _, val, _, _ = data.load_dataset(model_dir, str(quotes), 30, 0.5, 0)
+    _, val, _, _ = data_files.load_dataset(model_dir, str(quotes), 30, 0.5, 0)
     expected = [s["input_tokens"][:s["sep_token_index"] + 1] for s in val]
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     text_again = [[tokenizer.bos_id] + tokenizer.encode(tokenizer.decode(ids[1:]))
@@ -171,7 +171,7 @@ def test_help_shows_every_default(capsys):
             assert "default: " in entry, entry
     assert entries["--n"].endswith("(default: 250)")
     assert entries["--seed"].endswith("else 0)")
-    assert entries["--data"].endswith(f"else {data.DEFAULT_DATASET})")
+    assert entries["--data"].endswith(f"else {data_files.DEFAULT_DATASET})")
     assert entries["--attention"].endswith("(default: sdpa)")
     assert "speed/" in entries["--kernels"] and "(default:" not in entries["--kernels"]
     assert "--no-kernels" not in entries  # still taken, no longer shown: it is the default
@@ -193,7 +193,7 @@ def test_alpha_sweep_scores_as_eval_at_each_alpha_and_alpha_0_is_the_base(run, c
     out, split = run
     swept, err = eval_json(capsys, "--adapter", out, "--alpha-sweep", "0,0.3,2",
                            "--plot", tmp_path / "sweep.png")
-    assert swept["trained_alpha"] == lora.read_adapter(out)[1]["alpha"]
+    assert swept["trained_alpha"] == adapters.read(out)[1]["alpha"]
     rows = [without_seconds(row) for row in swept["sweep"]]
     for row, alpha in zip(rows, [0.0, 0.3, 2.0]):
         alone, _ = eval_json(capsys, "--adapter", out, "--alpha", alpha)
@@ -236,8 +236,8 @@ def test_alpha_sweep_without_an_adapter_is_refused(capsys):
 
 def test_plot_without_matplotlib_is_refused_before_loading(run, capsys, monkeypatch):
     out, _ = run
-    monkeypatch.setattr(eval_py, "can_plot", lambda: False)
-    monkeypatch.setattr(eval_py, "load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(plots, "can_plot", lambda: False)
+    monkeypatch.setattr(loading, "model_with_adapter", lambda *a: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit) as e:
         eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", "x.png", *FLAGS])
     assert e.value.code == 2
@@ -252,7 +252,7 @@ def test_plot_without_matplotlib_is_refused_before_loading(run, capsys, monkeypa
 def test_a_plot_path_that_cannot_be_written_is_refused_before_loading(
         run, tmp_path, capsys, monkeypatch, where, problem):
     out, _ = run
-    monkeypatch.setattr(eval_py, "load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "model_with_adapter", lambda *a: pytest.fail("loaded a model"))
     png = tmp_path / where
     with pytest.raises(SystemExit) as e:
         eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", str(png), *FLAGS])
@@ -267,7 +267,7 @@ def test_a_plot_that_fails_keeps_the_sweeps_json(run, tmp_path, capsys, monkeypa
 
     def full_disk(rows, trained, png, adapter):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(eval_py, "plot_sweep", full_disk)
+    monkeypatch.setattr(plots, "plot_sweep", full_disk)
     png = tmp_path / "sweep.png"
     assert eval_py.main(["--adapter", str(out), "--alpha-sweep", "0,1", "--plot", str(png),
                          *FLAGS]) == 2

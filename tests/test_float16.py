@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 
-import checkpoint
-import common
+from machinery import checkpoint
+from machinery import device as devices
 import lora
 import train
 from devices import on_devices
@@ -227,9 +227,9 @@ def test_resume_checks_the_dtype_computed_in_not_the_flag(setup, tmp_path, capsy
     out = tmp_path / "out"
     assert train.main(train_args(*setup, out, "--max-steps", 1)) == 0  # --dtype float32
     assert json.loads((out / "run.json").read_text())["compute_dtype"] == "float32"
-    monkeypatch.setattr(common, "cpu_bf16_units", lambda: None)  # auto: float32 here
+    monkeypatch.setattr(devices, "cpu_bf16_units", lambda: None)  # auto: float32 here
     assert train.main(train_args(*setup, out, "--resume", "--max-steps", 2, "--dtype", "auto")) == 0
-    monkeypatch.setattr(common, "cpu_bf16_units", lambda: "AMX")  # auto: bfloat16 there
+    monkeypatch.setattr(devices, "cpu_bf16_units", lambda: "AMX")  # auto: bfloat16 there
     capsys.readouterr()
     assert train.main(train_args(*setup, out, "--resume", "--max-steps", 3, "--dtype", "auto")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

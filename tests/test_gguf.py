@@ -28,6 +28,7 @@ from export.merged import merged_tensors
 from llama import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, TOKENS, randomize_b, write_tiny_model
 from tiny_run import HANG, write_quotes
+from machinery import adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # LoRA on every Linear of a tied Llama-3-shaped model; on some of an untied one
@@ -47,7 +48,7 @@ def adapted(request, tmp_path_factory):
     lora.add_lora(model, r=4, alpha=0.5, targets=targets)
     randomize_b(model)
     (root / "run").mkdir()
-    lora.save_adapter(model, root / "run", base_model=str(folder))
+    adapters.save(model, root / "run", base_model=str(folder))
     with torch.no_grad():
         return folder, model, model(TOKENS), root / "run"
 
@@ -231,7 +232,7 @@ def test_a_lora_gguf_on_the_base_gguf_gives_our_logits(tiny_dirs, tmp_path):
     shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml's order
     assert shapes["output.weight.lora_a"] == (48, 4) and shapes["output.weight.lora_b"] == (4, 384)
     back = model_from_gguf(tmp_path / "base" / GGUF_FILE, tiny_dirs["untied"])
-    lora.load_adapter(back, read_lora_gguf(tmp_path / "lora" / ADAPTER_GGUF, back.config))
+    adapters.load(back, read_lora_gguf(tmp_path / "lora" / ADAPTER_GGUF, back.config))
     with torch.no_grad():
         torch.testing.assert_close(back(TOKENS), ours, rtol=0, atol=1e-4)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import llama
 import lora
+from machinery import cli
 from devices import HALF, assert_close_normwise, eps, on_devices
 from speed import kernels
 from speed.generate import generate_packed
@@ -177,7 +178,7 @@ def tiny_models(device, dtype, path="plain"):
     if path == "kernels":
         kernels.use(half)
     elif path == "written":
-        half.set_attention("written")
+        cli.set_attention(half, "written")
     return half.eval(), as_float.eval()
 
 

@@ -1,4 +1,4 @@
-"""data.py's read_quotes: a quotes JSONL file read line by line, from a path or from the hub.
+"""machinery/data_files.py's read_quotes: a quotes JSONL file read line by line, from a path or from the hub.
 
 What a file holds decides what comes back: rows kept and rows skipped, counted by reason in one
 line; a file that cannot be read is one ValueError or FileNotFoundError naming the file (and the
@@ -11,9 +11,8 @@ import json
 
 import pytest
 
-import data
-import hub
-from data import describe_skips, read_quotes
+from machinery import data_files, hub
+from machinery.data_files import describe_skips, read_quotes
 from tiny_run import good_row, write_jsonl
 
 
@@ -204,7 +203,7 @@ def test_train_on_a_local_model_with_the_default_data_offline_fails_in_one_line_
     start = time.monotonic()
     code = train.main(["--model", str(model), "--out", str(tmp_path / "out")])  # default --data
     seconds = time.monotonic() - start
-    source = data.DEFAULT_DATASET
+    source = data_files.DEFAULT_DATASET
     assert (code, capsys.readouterr().err.splitlines()) == (2, [
         f"train.py: error: {source}: no such file, and could not download quotes.jsonl of the dataset "
         f"{source!r} from the Hugging Face hub (cannot reach the hub, nor is it in the hub cache); "

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import llama
 import lora
 from speed import kernels
@@ -209,13 +210,14 @@ def test_float64_model_with_kernels_gives_the_plain_loss_and_lora_gradients():
     plain = tiny_lora_model(torch.float64)
     fast = kernels.use(copy.deepcopy(plain))
     tokens = some_tokens()
-    targets = torch.full_like(tokens, llama.IGNORE_INDEX)
+    targets = torch.full_like(tokens, data.IGNORE_INDEX)
     targets[:, 5:10] = tokens[:, 6:11]  # the loss at positions 5 to 9: their next tokens
     losses, grads = [], []
-    for model in (plain, fast):
+    batch = {"input_tokens": tokens, "targets": targets}
+    for model, loss_sum in ((plain, data.loss_sum), (fast, kernels.loss_sum)):
         for p in lora.lora_parameters(model):
             p.grad = None
-        loss = model(tokens, targets=targets)
+        loss = loss_sum(model, batch)
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad for p in lora.lora_parameters(model)])

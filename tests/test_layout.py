@@ -1,5 +1,5 @@
-"""The layout shows the architecture: the lesson and the commands at the top level, every optional
-chapter in a folder of its own, imports running one way.
+"""The layout shows the architecture: the lesson at the top level, the tool's machinery in one
+package beside it, every optional chapter in a folder of its own, imports running one way.
 
 Oracles: Python's own parser (ast) reading every file's import statements; the folder listing;
 sys.modules of a real one-step train.py run in a fresh interpreter.
@@ -11,61 +11,75 @@ from pathlib import Path
 from tiny_run import run_script, tiny_model, train_args, write_quotes
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"llama", "lora", "data"}  # the model, the adapter, the samples
-HELPERS = {"common", "hub", "checkpoint"}  # what the scripts share: no lesson of their own
-SCRIPTS = {"train", "sample", "eval"}  # what users run; nothing imports them
-CHAPTERS = {"speed", "export", "anatomy", "bench", "gpu_check"}  # folders, each optional
-TOP = CORE | HELPERS | SCRIPTS
-PROJECT = TOP | CHAPTERS
+LIBRARY = {"lora", "llama", "data"}  # the adapter, the model, the samples: the lesson's library
+SCRIPTS = {"train", "sample", "eval"}  # the lesson's commands; nothing imports them
+LESSON = LIBRARY | SCRIPTS
+MACHINERY = "machinery"  # the tool's machinery: one package, a module a node
+CHAPTERS = {"speed", "export", "anatomy", "bench", "gpu_check", "qlora"}  # folders, each optional
 
 
 def is_main_block(node):
     return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
 
 
+def module_names(node):
+    """The modules an import statement names: 'machinery.cli' for `from machinery import cli`
+    and for `import machinery.cli`, 'lora' for `import lora`, 'speed' for `from speed import x`."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if node.module == MACHINERY:
+            return {f"{MACHINERY}.{a.name}" for a in node.names}
+        return {node.module}
+    return set()
+
+
+def node_of(name):
+    """The graph's node of a module: machinery.x itself, a chapter's folder, a top-level file."""
+    head = name.split(".")[0]
+    if head == MACHINERY:
+        return ".".join(name.split(".")[:2])
+    return head
+
+
 def imports(node, lazy=True, main_block=False):
-    """Project modules (top-level files and chapter folders) that node and its children import.
-    lazy=False: only module-level imports, not those inside functions. The
-    `if __name__ == "__main__":` block is left out unless main_block."""
+    """Project nodes that node and its children import. lazy=False: only module-level imports,
+    not those inside functions. The `if __name__ == "__main__":` block is left out unless
+    main_block."""
     if is_main_block(node) and not main_block:
         return set()
     if not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return set()
-    names = set()
-    if isinstance(node, ast.Import):
-        names = {a.name.split(".")[0] for a in node.names}
-    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        names = {node.module.split(".")[0]}
+    names = {node_of(n) for n in module_names(node)}
     for child in ast.iter_child_nodes(node):
         names |= imports(child, lazy, main_block)
-    return names & PROJECT
+    return {n for n in names if n in LESSON | CHAPTERS or n.startswith(MACHINERY + ".")}
 
 
 def files():
-    """{module name: path}: the top-level files, and every file of the chapter folders (named by
-    their folder)."""
-    found = {p.stem: p for p in ROOT.glob("*.py")}
+    """{node: [paths]}: the top-level files, each module of machinery/, and every file of the
+    chapter folders (named by their folder)."""
+    found = {p.stem: [p] for p in ROOT.glob("*.py")}
+    for p in (ROOT / MACHINERY).glob("*.py"):
+        found[f"{MACHINERY}.{p.stem}"] = [p]
     for folder in CHAPTERS:
-        for p in (ROOT / folder).glob("*.py"):
-            found[f"{folder}/{p.name}"] = p
+        found[folder] = sorted((ROOT / folder).glob("*.py"))
     return found
 
 
 def graph(lazy=True, main_block=False):
-    """{module: project modules it imports}; a chapter file counts as its folder."""
-    g = {}
-    for name, path in files().items():
-        owner = name.split("/")[0]
-        deps = imports(ast.parse(path.read_text()), lazy, main_block) - {owner}
-        g[owner] = g.get(owner, set()) | deps
-    return g
+    """{node: project nodes it imports}."""
+    return {name: set().union(*(imports(ast.parse(p.read_text()), lazy, main_block)
+                                for p in paths)) - {name}
+            for name, paths in files().items()}
 
 
-def test_the_top_level_holds_the_lesson_the_commands_and_three_helpers():
-    assert {p.stem for p in ROOT.glob("*.py")} == TOP
-    assert len(TOP) <= 9
-    for folder in CHAPTERS:
+def test_the_top_level_holds_the_lesson_and_the_folders_say_what_they_hold():
+    assert {p.stem for p in ROOT.glob("*.py")} == LESSON
+    for folder in CHAPTERS | {MACHINERY}:
         assert (ROOT / folder / "__init__.py").is_file(), f"{folder}/ says what it holds"
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == CHAPTERS | {MACHINERY}
 
 
 def test_lora_py_imports_no_project_file_not_even_in_its_main_block():
@@ -73,19 +87,20 @@ def test_lora_py_imports_no_project_file_not_even_in_its_main_block():
     assert imports(tree, main_block=True) == set()
 
 
-def test_the_core_and_the_helpers_import_downward_only():
-    g = graph()
-    assert g["llama"] == {"hub"}  # the model, and where its files come from
-    assert g["data"] <= {"hub", "llama"}
-    assert g["hub"] == set()
-    assert g["common"] <= CORE | {"hub"}
-    assert g["checkpoint"] <= CORE | {"hub", "common"}
-
-
-def test_no_core_file_or_helper_imports_a_chapter_even_lazily():
+def test_the_library_lesson_files_import_only_each_other_and_the_machinery():
     g = graph(main_block=True)
-    for name in CORE | HELPERS:
-        assert not g[name] & CHAPTERS, f"{name}.py imports {g[name] & CHAPTERS}"
+    for name in LIBRARY:
+        outside = {n for n in g[name] if n not in LIBRARY and not n.startswith(MACHINERY)}
+        assert outside == set(), f"{name}.py imports {outside}"
+    assert g["llama"] <= {f"{MACHINERY}.hub", f"{MACHINERY}.model_files"}
+
+
+def test_the_machinery_imports_the_library_and_itself_never_a_script_or_a_chapter():
+    g = graph(main_block=True)
+    for name, deps in g.items():
+        if name.startswith(MACHINERY + "."):
+            bad = deps & (SCRIPTS | CHAPTERS)
+            assert bad == set(), f"{name} imports {bad}"
 
 
 def test_the_scripts_import_a_chapter_only_inside_a_function_when_a_flag_asks():
@@ -109,11 +124,12 @@ def test_no_import_cycle():
 
 
 def test_the_walk_sees_lazy_imports_and_skips_the_main_block():
-    tree = ast.parse("import torch\ndef f():\n    import lora\n    from speed import kernels\n"
-                     "if __name__ == '__main__':\n    import export\n")
-    assert imports(tree) == {"lora", "speed"}
-    assert imports(tree, lazy=False) == set()
-    assert imports(tree, main_block=True) == {"lora", "speed", "export"}
+    tree = ast.parse("import torch\nfrom machinery import cli\ndef f():\n    import lora\n"
+                     "    from speed import kernels\nif __name__ == '__main__':\n"
+                     "    import export\n")
+    assert imports(tree) == {"machinery.cli", "lora", "speed"}
+    assert imports(tree, lazy=False) == {"machinery.cli"}
+    assert imports(tree, main_block=True) == {"machinery.cli", "lora", "speed", "export"}
 
 
 PROBE = """

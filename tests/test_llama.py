@@ -14,6 +14,7 @@ import torch
 import llama
 import tiny
 from llama import KVCache, Llama, generate
+from machinery import cli
 from sample import sampler
 from tiny_run import tokens
 
@@ -121,12 +122,12 @@ def written(model, monkeypatch):
     calls, formula = [], llama.attention
     monkeypatch.setattr(llama, "attention", lambda *a: calls.append(1) or formula(*a))
     model = copy.deepcopy(model)  # the module's pair stays on sdpa; the tie survives deepcopy
-    model.set_attention("written")
+    cli.set_attention(model, "written")
     return model, calls
 
 
 def test_model_on_the_written_out_attention_matches_transformers(pair, monkeypatch):
-    """The formula a reader checks line by line is the model: Llama.set_attention("written")
+    """The formula a reader checks line by line is the model: cli.set_attention(model, "written")
     (--attention written) runs attention() in every layer, and the logits are transformers'
     ones, and the SDPA path's."""
     _, ours, hf = pair
@@ -171,7 +172,7 @@ def test_generate_on_the_written_out_attention_gives_the_sdpa_tokens(pair, monke
 def test_set_attention_refuses_an_unknown_kind(pair):
     _, ours, _ = pair
     with pytest.raises(ValueError, match="attention must be 'sdpa' or 'written', got 'flash'"):
-        ours.set_attention("flash")
+        cli.set_attention(ours, "flash")
     assert {layer.self_attn.kind for layer in ours.model.layers} == {"sdpa"}
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-import hub
+from machinery import hub, model_files
 import tiny
 from llama import Llama, LlamaConfig
 from tiny_run import tokens
@@ -54,8 +54,8 @@ def test_hub_style_config_loads_the_same(tmp_path):
 def test_llama3_scaling_changes_only_slow_frequencies():
     from llama import rope_inv_freq
     raw = {**tiny.LLAMA3_GQA_TIED, "model_type": "llama"}
-    plain = LlamaConfig(**hub.config_fields({**raw, "rope_scaling": None}))
-    scaled = LlamaConfig(**hub.config_fields(raw))
+    plain = LlamaConfig(**model_files.config_fields({**raw, "rope_scaling": None}))
+    scaled = LlamaConfig(**model_files.config_fields(raw))
     a, b = rope_inv_freq(plain), rope_inv_freq(scaled)
     assert torch.equal(a[0], b[0])  # fastest rotation: wavelength 2 pi < 64 / 4, untouched
     assert torch.isclose(b[-1], a[-1] / 32)  # slowest: wavelength > 64, divided by factor

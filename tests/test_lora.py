@@ -15,6 +15,7 @@ import lora
 from llama import Llama
 from lora import (LoraModule, add_lora, count_parameters, lora_modules, lora_parameters,
                   lora_state_dict, merge_lora, set_alpha)
+from machinery import checkpoint, cli
 from tiny import LLAMA3_GQA_TIED, TOKENS, randomize_b
 from tiny_run import run_script
 
@@ -68,16 +69,22 @@ def test_zero_init_makes_b_zero_and_random_init_keeps_it_random():
     assert LoraModule(nn.Linear(8, 8), init="random").B.abs().min() > 0
 
 
-def test_seed_the_old_name_of_random_init_is_read_as_random():
-    """Adapters and run.json files written before 2026-12 say init "seed": the same init. Oracle:
-    the same RNG state gives the same A and B under both names."""
+def test_the_lesson_names_two_inits_and_the_machinery_reads_seed_as_random(tmp_path):
+    """lora.py knows "random" and "zero" only; "seed", another name of random that adapter files,
+    run.json and --init may still say, is read as random by the machinery (cli.init_name,
+    checkpoint.run_settings; adapters.read in test_adapter_files.py). Oracle: the same RNG state
+    gives the same A and B under the name the machinery hands over."""
+    assert lora.INITS == ("random", "zero")
+    with pytest.raises(ValueError, match="init must be one of"):
+        LoraModule(nn.Linear(8, 8), init="seed")
     modules = []
-    for init in ("seed", "random"):
+    for init in (cli.init_name("seed"), "random"):
         torch.manual_seed(0)
         modules.append(LoraModule(nn.Linear(8, 8), init=init))
     assert [m.init for m in modules] == ["random", "random"]
     assert torch.equal(modules[0].A, modules[1].A) and torch.equal(modules[0].B, modules[1].B)
-    assert lora.check_init("seed") == "random" and lora.INITS == ("random", "zero")
+    (tmp_path / "run.json").write_text('{"init": "seed", "r": 8}')
+    assert checkpoint.run_settings(tmp_path / "run.json") == {"init": "random", "r": 8}
 
 
 def test_lora_weights_are_float32_on_a_bf16_base_and_bf16_input_works():
@@ -289,12 +296,28 @@ def test_lora_on_every_linear_of_llama_3_2_1b_trains_6_7_million_parameters(llam
 
 # ----------------------------------------------------------------------------- lora.py as a command
 
-def test_lora_py_is_no_command_and_names_where_its_tools_went():
-    """`lora.py export` and `lora.py inspect` are gone: it says where they are, exit non-zero.
-    Oracle: the formats `python -m export --help` accepts, which the line must not exceed."""
+def test_lora_py_given_arguments_names_where_its_tools_are():
+    """`python lora.py` is the demo and takes no arguments; `lora.py export ...` or `lora.py
+    inspect ...` says where those tools are, exit non-zero. Oracle: the formats `python -m export
+    --help` accepts, which the line must not exceed."""
     done = run_script(["lora.py", "export", "--adapter", "out"])
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "python -m export --adapter" in done.stderr and "python -m anatomy" in done.stderr
     named = re.search(r"--format (\S+)", done.stderr).group(1).split("|")
     choices = re.search(r"--format \{([a-z,-]+)\}", run_script(["-m", "export", "--help"]).stdout)
     assert set(named) <= set(choices.group(1).split(",")), named
+
+
+def test_python_lora_py_shows_each_claim_on_a_toy_model_and_checks_it():
+    """The demo of lora.py prints the trainable count, zero-init equal to the base, the random
+    init's perturbation, merge changing nothing, one step moving only A and B; exit 0 only when
+    every claim held. Oracle: the counts of the toy model by hand: Linear(64, 64) and
+    Linear(64, 10) hold 64 * 64 + 64 + 64 * 10 + 10 = 4,810 numbers; r = 4 adds 4 * 64 + 64 * 4 and
+    4 * 64 + 10 * 4 = 808."""
+    done = run_script(["lora.py"])
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "4,810" in out and "808 trainable" in out
+    assert "exactly: True" in out
+    assert "every A and B moved (True), W and the biases stayed (True)" in out
+    assert float(re.search(r"max difference ([0-9.e+-]+)", out).group(1)) < 1e-5

@@ -2,7 +2,7 @@
 their flags.
 
 Oracles: the dtype names torch has (a typo is refused in one line before any product runs), and
-common.pick_device's choice for --device auto (the default, as in every other script).
+devices.pick_device's choice for --device auto (the default, as in every other script).
 """
 import subprocess
 import sys

@@ -20,6 +20,7 @@ from export.merged import DEFAULT_DTYPE, export_merged, merged_tensors, update_l
 from llama import Llama
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, randomize_b, write_tiny_model
 from tiny_run import HANG, TOKENS, hf_logits, write_quotes
+from machinery import adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # the method's every Linear on a tied lm_head, and a subset on an untied one
@@ -39,7 +40,7 @@ def adapted(request, tmp_path_factory):
     lora.add_lora(model, r=4, alpha=0.5, targets=targets)
     randomize_b(model)
     (root / "run").mkdir()
-    lora.save_adapter(model, root / "run", base_model=str(folder))
+    adapters.save(model, root / "run", base_model=str(folder))
     with torch.no_grad():
         return folder, model, model(TOKENS), root / "run"
 

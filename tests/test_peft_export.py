@@ -19,9 +19,10 @@ import transformers
 from export import peft as peft_format
 from export.peft import export_peft, import_peft
 from llama import Llama
-from lora import add_lora, lora_modules, lora_parameters, save_adapter
+from lora import add_lora, lora_modules, lora_parameters
 from tiny import LLAMA3_GQA_TIED, PLAIN_MHA_UNTIED, write_tiny_model
 from tiny_run import HANG, TIED_WARNING, TOKENS, hf_logits
+from machinery import adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # which model, which layers: the method's every-Linear on a tied lm_head, and a subset
@@ -51,10 +52,10 @@ def trained(request, tmp_path_factory):
     folder = write_tiny_model(root / "base", config)
     model = Llama.from_pretrained(folder)
     torch.manual_seed(0)
-    add_lora(model, r=4, alpha=0.5, init="seed", targets=targets)
+    add_lora(model, r=4, alpha=0.5, init="random", targets=targets)
     train_briefly(model)
     (root / "run").mkdir()  # like train.py --out
-    adapter = save_adapter(model, root / "run", base_model=str(folder))
+    adapter = adapters.save(model, root / "run", base_model=str(folder))
     with torch.no_grad():
         return folder, model, model(TOKENS), adapter
 

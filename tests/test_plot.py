@@ -1,8 +1,8 @@
-"""loss.png: checkpoint.py plot draws it from an --out folder's metrics.jsonl, train.py --plot
+"""loss.png: python -m machinery plot draws it from an --out folder's metrics.jsonl, train.py --plot
 at the end of a run.
 
 Oracles: the PNG signature of the file written; the messages as written for users (the path it
-wrote, a folder without a run, matplotlib missing: checkpoint.py plot in a fresh interpreter
+wrote, a folder without a run, matplotlib missing: python -m machinery plot in a fresh interpreter
 without it, and train.py --plot refused before any work); matplotlib's own layout, where the
 legend's window extent overlaps no axes. The folder plotted is the three_epochs run of
 conftest.py.
@@ -12,21 +12,21 @@ import sys
 
 import pytest
 
-import checkpoint
+from machinery import checkpoint
 import train
 from tiny_run import run_script, train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
 
 
-# ------------------------------------------------------------------------ checkpoint.py plot
+# ------------------------------------------------------------------------ python -m machinery plot
 
 def test_plot_cli_names_the_file_it_wrote(three_epochs, tmp_path):
     out, _ = three_epochs
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "loss.png").unlink()
-    done = run_script(["checkpoint.py", "plot", copy])
+    done = run_script(["-m", "machinery", "plot", copy])
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"wrote {copy / 'loss.png'}\n"
     assert (copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -39,9 +39,9 @@ def test_plot_cli_names_the_file_it_wrote(three_epochs, tmp_path):
 def test_plot_cli_refuses_a_folder_without_a_run_in_one_line(tmp_path, make, message):
     folder = tmp_path / "missing"
     make(folder)
-    done = run_script(["checkpoint.py", "plot", folder])
+    done = run_script(["-m", "machinery", "plot", folder])
     assert done.returncode == 2
-    assert done.stderr == f"checkpoint.py plot: error: {message.format(d=folder)}\n"
+    assert done.stderr == f"python -m machinery plot: error: {message.format(d=folder)}\n"
 
 
 def test_plot_legend_does_not_cover_the_curves(three_epochs, tmp_path, monkeypatch):
@@ -73,8 +73,8 @@ def test_plot_legend_does_not_cover_the_curves(three_epochs, tmp_path, monkeypat
 NO_MATPLOTLIB = """
 import runpy, sys
 sys.modules["matplotlib"] = None  # as if it were not installed: importing it fails
-sys.argv = ["checkpoint.py", *sys.argv[1:]]
-runpy.run_path("checkpoint.py", run_name="__main__")
+sys.argv = ["python -m machinery", *sys.argv[1:]]
+runpy.run_module("machinery", run_name="__main__")
 """
 
 
@@ -83,7 +83,7 @@ def test_plot_without_matplotlib_names_the_package_in_one_line(three_epochs, tmp
     out, _ = three_epochs
     done = run_script(["-c", NO_MATPLOTLIB, "plot", out])
     assert done.returncode == 2
-    assert done.stderr == "checkpoint.py plot: error: needs matplotlib: pip install matplotlib\n"
+    assert done.stderr == "python -m machinery plot: error: needs matplotlib: pip install matplotlib\n"
     # train.py --plot: refused before any work, not after hours of training
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit) as exit_:

@@ -18,11 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+import data
 import lora
 import train
+from machinery import checkpoint
 from tiny_run import (HANG, RUN_FILES, STEPS_PER_EPOCH, TOTAL_STEPS, adapter, hashes, metrics,
                       popen_script, run_script, same_tensors, three_epoch_args, train_args)
+from machinery import adapters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
@@ -59,12 +61,12 @@ def test_resume_after_max_steps_is_bit_for_bit(setup, three_epochs, tmp_path):
 
 
 SLOW_STEPS = """
-import sys, time, train
-real_loss = train.masked_loss_sum
+import sys, time, data, train
+real_loss = data.loss_sum
 def slow_loss(*args):  # the same step, 0.2 s later: room to kill the process in mid-run
     time.sleep(0.2)
     return real_loss(*args)
-train.masked_loss_sum = slow_loss
+data.loss_sum = slow_loss
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -140,7 +142,7 @@ def test_the_best_adapter_survives_a_resume(setup, tmp_path, monkeypatch):
     with the same validation losses (forced: 6, 5, 4, 4.5). Forgetting the best on --resume
     would keep epoch 3's."""
     def validations(*losses):
-        monkeypatch.setattr(train, "validation_loss", lambda *args, left=list(losses): left.pop(0))
+        monkeypatch.setattr(data, "validation_loss", lambda *args, left=list(losses): left.pop(0))
 
     whole, part = tmp_path / "whole", tmp_path / "part"
     validations(6.0, 5.0, 4.0, 4.5)
@@ -303,7 +305,7 @@ def test_a_run_written_by_84e3aa9_resumes_bit_for_bit(setup, three_epochs, tmp_p
     out = tmp_path / "out"
     assert train.main(three_epoch_args(setup, out, "--max-steps", 7)) == 0
     make_it_84e3aa9s(out)
-    assert lora.read_adapter(out)[1]["init"] == "random"
+    assert adapters.read(out)[1]["init"] == "random"
     capsys.readouterr()
     assert train.main(three_epoch_args(setup, out, "--resume", "--init", "seed")) == 0
     err = capsys.readouterr().err.splitlines()

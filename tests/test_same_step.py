@@ -11,7 +11,8 @@ prints: test_train.py.
 import pytest
 import torch
 
-import checkpoint
+from machinery import checkpoint
+import data
 import train
 from tiny_run import (HANG, ROOT, RUN_FILES, adapter, hashes, metrics, run_script, same_tensors,
                       train_args, write_quotes)
@@ -35,13 +36,13 @@ def test_validation_reads_as_many_rows_at_once_as_a_training_piece(setup, tmp_pa
     """--grad-accum bounds validation's memory too: its batches hold batch_size / grad_accum
     rows. The loss stays the same mean over the same tag tokens (oracle: the run without
     --grad-accum, to float32 rounding)."""
-    rows, real = [], train.validation_loss
+    rows, real = [], data.validation_loss
 
     def recording(model, samples, batch_size, *args):
         rows.append(batch_size)
         return real(model, samples, batch_size, *args)
 
-    monkeypatch.setattr(train, "validation_loss", recording)
+    monkeypatch.setattr(data, "validation_loss", recording)
     for accum in (1, 4):
         out = tmp_path / f"accum{accum}"
         assert train.main(train_args(*setup, out, "--max-steps", 1, "--grad-accum", accum)) == 0

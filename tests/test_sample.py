@@ -21,6 +21,7 @@ from speed import generate as packed
 from speed import kernels
 from tiny_run import (PAIRS, hashes, run_script, tiny_model, train_args,
                       write_quotes)
+from machinery import adapters
 
 PROMPTS = [prompt_text(PAIRS[1][0]), prompt_text(PAIRS[4][0]),
            prompt_text("Time flies like an arrow."),
@@ -49,7 +50,7 @@ def by_hand(trained):
     model_dir, out = trained
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     base, adapted = Llama.from_pretrained(model_dir), Llama.from_pretrained(model_dir)
-    lora.load_adapter(adapted, out)
+    adapters.load(adapted, out)
 
     return {"adapter": [greedy(adapted, tokenizer, p) for p in PROMPTS],
             "base": [greedy(base, tokenizer, p) for p in PROMPTS]}
@@ -277,7 +278,7 @@ def test_alpha_sweep_writes_each_prompt_at_each_alpha(trained, by_hand, capsys):
     """Oracle: greedy by hand with the adapter at each alpha; alpha 0 is the base, the adapter's
     own alpha the adapter."""
     model_dir, out = trained
-    own = lora.read_adapter(out)[1]["alpha"]
+    own = adapters.read(out)[1]["alpha"]
     sweep = [0.0, own, 6.0]
     rows, _ = sample_jsonl(capsys, "--adapter", out, "--model", model_dir, "--alpha-sweep",
                            ",".join(map(str, sweep)), *PROMPTS[:2])
@@ -285,7 +286,7 @@ def test_alpha_sweep_writes_each_prompt_at_each_alpha(trained, by_hand, capsys):
         (p, a) for p in PROMPTS[:2] for a in sweep]  # a block per prompt, a row per alpha
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     adapted = Llama.from_pretrained(model_dir)
-    lora.load_adapter(adapted, out)
+    adapters.load(adapted, out)
     lora.set_alpha(adapted, 6.0)
     at_6 = [greedy(adapted, tokenizer, p) for p in PROMPTS[:2]]
     expected = {0.0: by_hand["base"][:2], own: by_hand["adapter"][:2], 6.0: at_6}

@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import common
+import data
 import sample
 import train
+from machinery import checkpoint, command
 from tiny_run import (HANG, PAIRS, RUN_FILES, hashes, last_line, main_of, metrics, popen_script,
                       train_args)
 
@@ -77,7 +77,7 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(
     def forward_out_of_memory(*args):
         raise error
 
-    monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
+    monkeypatch.setattr(data, "loss_sum", forward_out_of_memory)
     code, err = main_of(train, capsys, train_args(*setup, out, "--resume", "--max-steps", 5))
     assert code == 1
     # a resumed run keeps its --batch-size: the hint names the flag --resume takes
@@ -91,7 +91,7 @@ def test_out_of_memory_in_a_new_run_offers_a_smaller_batch_too(setup, tmp_path, 
     def forward_out_of_memory(*args):
         raise OUT_OF_MEMORY["cuda"]
 
-    monkeypatch.setattr(train, "masked_loss_sum", forward_out_of_memory)
+    monkeypatch.setattr(data, "loss_sum", forward_out_of_memory)
     code, err = main_of(train, capsys, train_args(*setup, tmp_path / "out", "--grad-accum", 2))
     assert code == 1
     assert last_line(err) == ("train.py: error: out of memory at --batch-size 4; start over "
@@ -118,7 +118,7 @@ def test_the_out_of_memory_hint_offers_only_what_can_help(tmp_path, monkeypatch,
     if checkpointed:
         (tmp_path / "checkpoint.pt").write_bytes(b"")
     args = argparse.Namespace(out=str(tmp_path), **flags)
-    assert train.out_of_memory_hint(args) == hint
+    assert command.out_of_memory_hint(args) == hint
 
 
 # ------------------------------------------------------------------------ train.py: interruptions
@@ -161,7 +161,7 @@ def test_sample_ctrl_c_prints_no_traceback(setup, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.Llama, "from_pretrained", interrupted)
+    monkeypatch.setattr(train.Llama, "from_pretrained", interrupted)
     code, err = main_of(sample, capsys, ["--model", setup[0], "--no-adapter", PAIRS[0][0]])
     assert code == 130
     assert last_line(err) == "sample.py: interrupted"

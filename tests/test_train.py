@@ -15,14 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import common
+import data
 import lora
 import train
 from data import QuoteTokenizer, collate, make_sample
 from llama import Llama
+from machinery import checkpoint, progress
 from tiny_run import (PAIRS, RUN_FILES, TOTAL_STEPS, adapter, hashes, metrics, same_tensors,
                       train_args)
+from machinery import adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread, setup, three_epochs: conftest.py
 
@@ -55,14 +56,14 @@ def loss_by_hand(model, samples, squash=lambda logits: logits):
 def test_masked_loss_is_cross_entropy_over_the_tag_positions_by_hand(model_and_batch):
     model, samples, pad = model_and_batch
     with torch.no_grad():
-        got = train.masked_loss_sum(model, collate(samples, pad), "ce")
+        got = data.loss_sum(model, collate(samples, pad), "ce")
     torch.testing.assert_close(got.double(), loss_by_hand(model, samples), rtol=1e-5, atol=0)
 
 
 def test_sigmoid_ce_is_cross_entropy_of_sigmoid_logits_by_hand(model_and_batch):
     model, samples, pad = model_and_batch
     with torch.no_grad():
-        got = train.masked_loss_sum(model, collate(samples, pad), "sigmoid-ce")
+        got = data.loss_sum(model, collate(samples, pad), "sigmoid-ce")
     expected = loss_by_hand(model, samples, torch.sigmoid)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
 
@@ -76,7 +77,7 @@ def test_targets_up_to_the_separator_do_not_count(model_and_batch):
         changed = [dict(s, output_tokens=edit(s["output_tokens"], s["sep_token_index"]))
                    for s in samples]
         with torch.no_grad():
-            return train.masked_loss_sum(model, collate(changed, pad), "ce")
+            return data.loss_sum(model, collate(changed, pad), "ce")
 
     same = with_targets(lambda out, sep: out)
     assert torch.equal(with_targets(lambda out, sep: [7] * sep + out[sep:]), same)
@@ -91,9 +92,9 @@ def test_alpha_doubles_every_epoch(three_epochs):
     assert alphas == {0: 0.125, 1: 0.25, 2: 0.5}
     evals = [(r["epoch"], r["alpha"]) for r in metrics(out, "eval")]
     assert evals == [(0, 0.125), (1, 0.125), (2, 0.25), (3, 0.5)]
-    assert lora.read_adapter(out / checkpoint.LAST_ADAPTER)[1]["alpha"] == 0.5
+    assert adapters.read(out / checkpoint.LAST_ADAPTER)[1]["alpha"] == 0.5
     kept = [r for r in metrics(out, "eval") if r.get("best")][-1]  # the best epoch's alpha
-    assert lora.read_adapter(out)[1]["alpha"] == kept["alpha"]
+    assert adapters.read(out)[1]["alpha"] == kept["alpha"]
 
 
 def test_constant_schedule_keeps_alpha(setup, tmp_path):
@@ -101,7 +102,7 @@ def test_constant_schedule_keeps_alpha(setup, tmp_path):
     flags = ["--epochs", 2, "--alpha-schedule", "constant", "--alpha", 0.3]
     assert train.main(train_args(*setup, out, *flags)) == 0
     assert {r["alpha"] for r in metrics(out)} == {0.3}
-    assert lora.read_adapter(out)[1]["alpha"] == 0.3
+    assert adapters.read(out)[1]["alpha"] == 0.3
 
 
 def test_only_the_lora_weights_change(setup, three_epochs):
@@ -149,7 +150,7 @@ def test_the_best_validation_keeps_its_adapter_and_the_last_one_lies_beside_it(
     forced losses, and the figure --plot draws."""
     from matplotlib.figure import Figure
     losses = iter([6.0, 5.0, 4.0, 4.5])
-    monkeypatch.setattr(train, "validation_loss", lambda *args: next(losses))
+    monkeypatch.setattr(data, "validation_loss", lambda *args: next(losses))
     at_epoch_end, figures, real_save, real_savefig = {}, [], checkpoint.save, Figure.savefig
 
     def save(out, model, optimizer, scaler, position, base_model, best_too=False):
@@ -166,8 +167,8 @@ def test_the_best_validation_keeps_its_adapter_and_the_last_one_lies_beside_it(
     ckpt = torch.load(out / checkpoint.CHECKPOINT, weights_only=False)
     assert same_tensors(adapter(out), at_epoch_end[2])
     assert not same_tensors(adapter(out), at_epoch_end[3])
-    assert same_tensors(lora.read_adapter(out)[0], at_epoch_end[2])  # eval.py, sample.py
-    assert lora.read_adapter(out)[1]["alpha"] == 0.25  # epoch 2's alpha
+    assert same_tensors(adapters.read(out)[0], at_epoch_end[2])  # eval.py, sample.py
+    assert adapters.read(out)[1]["alpha"] == 0.25  # epoch 2's alpha
     assert same_tensors(adapter(out, checkpoint.LAST_ADAPTER), ckpt["adapter"])
     assert same_tensors(ckpt["adapter"], at_epoch_end[3])
     assert ckpt["best"] == {"epoch": 2, "val_loss": 4.0, "step": 10}
@@ -251,7 +252,7 @@ def test_in_a_log_file_the_first_step_every_interval_and_each_epochs_last_are_pr
     step (a slow machine shows it is alive), then one at least every Clock.EVERY seconds, and
     the epoch's last step and the --max-steps step."""
     if every is not None:
-        monkeypatch.setattr(common.Clock, "EVERY", every)
+        monkeypatch.setattr(progress.Clock, "EVERY", every)
     argv = train_args(*setup, tmp_path / "out", "--epochs", 2, "--max-steps", 7)
     assert train.main(argv) == 0
     lines = progress_lines(capsys.readouterr().err)
@@ -271,7 +272,7 @@ def test_progress_tells_speed_and_time_left_by_the_clock(setup, tmp_path, capsys
         now[0] += 10
         return now[0]
 
-    monkeypatch.setattr(common, "time", SimpleNamespace(time=clock))
+    monkeypatch.setattr(progress, "time", SimpleNamespace(time=clock))
     out = tmp_path / "out"
     assert train.main(train_args(*setup, out)) == 0
     lines = progress_lines(capsys.readouterr().err)
@@ -281,5 +282,5 @@ def test_progress_tells_speed_and_time_left_by_the_clock(setup, tmp_path, capsys
     for line, k in zip(lines, (1, 3, 5)):
         tokens = round(rows[k - 1]["tokens_per_s"] * (20 * k - 10))  # all tokens up to step k
         assert re.search(r"(\d+) tok/s", line).group(1) == f"{tokens / (20 * k):.0f}"
-    assert [common.duration(s) for s in (45, 89.4, 90, 720, 5399, 5400, 12240)] == [
+    assert [progress.duration(s) for s in (45, 89.4, 90, 720, 5399, 5400, 12240)] == [
         "45 s", "89 s", "2 min", "12 min", "90 min", "1.5 h", "3.4 h"]

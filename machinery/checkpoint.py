@@ -14,10 +14,10 @@ Every file but the metrics log is written whole or not at all (write_atomic), so
 mid-write never destroys the previous checkpoint; the log is appended a line at a time, and a line
 cut by a kill is dropped on --resume. No run deletes another: --overwrite moves the old one aside.
 
-    python checkpoint.py plot out    loss.png for a run, finished or not
+    python -m machinery plot out    loss.png for a run, finished or not
 """
-import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -30,7 +30,10 @@ import numpy as np
 import torch
 
 import lora
-from common import DEFAULT_OUT, can_plot, pyplot, save_figure, say
+from machinery import adapters, plots
+from machinery.data_files import DEFAULT_DATASET, SPLIT, describe_skips
+from machinery.device import dtype_choice, pick_device
+from machinery.progress import Clock, say
 
 CHECKPOINT = "checkpoint.pt"
 LAST_ADAPTER = "adapter-last.safetensors"
@@ -98,7 +101,7 @@ def run_beside(adapter):
     a file in it), or (None, {}): an adapter from elsewhere (a PEFT folder, a file of its own)
     carries no split. ValueError naming an unreadable run.json."""
     folder = Path(adapter)
-    if folder.name in (lora.ADAPTER_FILE, LAST_ADAPTER):  # out/adapter.safetensors: out/
+    if folder.name in (adapters.ADAPTER_FILE, LAST_ADAPTER):  # out/adapter.safetensors: out/
         folder = folder.parent
     path = folder / "run.json"
     if not os.path.isfile(path):  # False, not an error, for a name the OS refuses
@@ -113,7 +116,7 @@ def run_settings(path):
         raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(run, dict):
         raise ValueError(f"{path}: expected a JSON object of train.py's settings")
-    if run.get("init") == "seed":  # the method's init before it was named "random"
+    if run.get("init") == "seed":  # "seed" is read as "random": the same init, another name
         run["init"] = "random"
     return run
 
@@ -150,7 +153,7 @@ def take_run_settings(args, given):
             setattr(args, k, value)
         if k == "grad_accum" and k not in given:
             continue  # said only when given: it changes no number
-        said.append(f"{flag} {getattr(args, k)} "  # an older run.json lacks --epochs, --max-steps
+        said.append(f"{flag} {getattr(args, k)} "  # a run.json may lack --epochs, --max-steps
                     + ("(given)" if k in given else "(the run's)" if k in run else "(default)"))
     return ", ".join(said)
 
@@ -175,7 +178,7 @@ def check_compute_dtype(args):
     another --dtype) would change its arithmetic silently."""
     if not args.resume:
         return
-    was = read_run(args.out).get("compute_dtype", args.compute_dtype)  # none before 2026-11-30
+    was = read_run(args.out).get("compute_dtype", args.compute_dtype)  # absent: not checked
     if was != args.compute_dtype:
         raise ValueError(f"--resume: {args.out} holds a run with other settings: computed in "
                          f"{was}, --dtype {args.dtype} computes in {args.compute_dtype} here "
@@ -240,14 +243,14 @@ def save(out, model, optimizer, scaler, position, base_model, best_too=False):
     if scaler.is_enabled():  # its scale, and its count of good steps
         ckpt["scaler"] = scaler.state_dict()
     write_atomic(out / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
-    lora.save_adapter(model, out / LAST_ADAPTER, base_model=base_model)
+    adapters.save(model, out / LAST_ADAPTER, base_model=base_model)
     if best_too or position["best"] is None:
-        lora.save_adapter(model, out / lora.ADAPTER_FILE, base_model=base_model)
+        adapters.save(model, out / adapters.ADAPTER_FILE, base_model=base_model)
 
 
 def load(out, model, optimizer, scaler):
     """Everything save() stored back in place; returns the position (epoch, batches_done, step,
-    skipped_steps, best). A checkpoint of 84e3aa9 or before has no best: None."""
+    skipped_steps, best). A checkpoint without a best (or skipped_steps) gives None (0)."""
     ckpt = torch.load(Path(out) / CHECKPOINT, map_location="cpu", weights_only=False)
     with torch.no_grad():
         for name, tensor in lora.lora_state_dict(model).items():
@@ -289,7 +292,7 @@ def report_end(args, step, skipped_steps, best, saved_epoch, sig):
     if skipped_steps:
         skipped = (f" ({skipped_steps} skipped: float16 gradients overflowed, the loss scale "
                    "was lowered)")
-    adapter = f"{args.out}/{lora.ADAPTER_FILE}"
+    adapter = f"{args.out}/{adapters.ADAPTER_FILE}"
     if best:
         kept = (f"{adapter} holds the adapter of epoch {best['epoch']} (validation loss "
                 f"{best['val_loss']:.4f}, the best); the last one is {args.out}/"
@@ -336,50 +339,198 @@ def keep_metrics_until(out, step):
 # ----------------------------------------------------------------------------- loss.png
 
 def plot(out):
-    """loss.png in the --out folder `out`: train and validation loss, and alpha, over the steps;
-    the validation whose adapter is kept (the best) ringed. Returns its path."""
-    plt = pyplot()
-    rows = read_metrics(out)
-    steps = [r for r in rows if r["kind"] == "step"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    at = [r["step"] for r in steps]
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    ax.plot(at, [r["loss"] for r in steps], lw=0.6, alpha=0.6, label="train loss")
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
-            label="validation loss")
-    best = [r for r in evals if r.get("best")][-1:]  # the last row marked best is the kept one
-    if best:
-        ax.plot(best[0]["step"], best[0]["val_loss"], "o", ms=14, mfc="none", mec="C3", mew=2,
-                label=f"kept adapter (epoch {best[0]['epoch']})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per tag token")
-    ax2 = ax.twinx()
-    ax2.step(at, [r["alpha"] for r in steps], "k--", lw=1, where="post", label="alpha")
-    ax2.set_ylabel("alpha")
-    # Below the axes: anywhere inside them the legend would hide a stretch of some curve.
-    fig.legend(loc="outside lower center", ncols=4)
-    return save_figure(fig, Path(out) / "loss.png", dpi=120)
+    """loss.png in the --out folder `out`, drawn from its metrics.jsonl. Returns its path."""
+    return plots.plot_run(read_metrics(out), Path(out) / "loss.png")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="checkpoint.py", description="Tools for train.py's runs.")
-    commands = p.add_subparsers(dest="command", required=True)
-    plot_it = commands.add_parser("plot", help="draw loss.png for a run, finished or not",
-                                  description="Draw OUT/loss.png from OUT/metrics.jsonl: train "
-                                  "and validation loss, and alpha, over the steps.")
-    plot_it.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
-                         help="a train.py --out folder (default: %(default)s)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if not out.is_dir():
-        p.exit(2, f"checkpoint.py plot: error: {out}: no such folder (a train.py --out)\n")
-    if not (out / "metrics.jsonl").is_file():
-        p.exit(2, f"checkpoint.py plot: error: {out / 'metrics.jsonl'}: no such file; is {out} "
-               "a train.py --out folder?\n")
-    if not can_plot():
-        p.exit(2, "checkpoint.py plot: error: needs matplotlib: pip install matplotlib\n")
-    print(f"wrote {plot(out)}")
+# ----------------------------------------------------------------------------- train.py's run
+
+class RunFolder:
+    """train.py's bookkeeping around its loop, one named call each: --out checked and prepared,
+    --resume's settings and position, the first line, the metrics rows and the progress line,
+    the stop check, when and what to checkpoint, the last lines and the exit status. Rank 0
+    alone prints and writes (master); every rank asks the stop check together.
+
+    Created before the model loads: a --out that cannot be used is refused in seconds."""
+
+    def __init__(self, args, master):
+        self.args, self.master = args, master
+        self.ddp = "RANK" in os.environ
+        device = pick_device(args.device)
+        if self.ddp and device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
+        check_out(args)
+        # --resume: the run's own settings; the --epochs and --max-steps it goes on with
+        self.resumed_length = take_run_settings(args, args.given)
+        self.dtype, self.why = dtype_choice(args.dtype, device)  # why: for the first line
+        args.compute_dtype = str(self.dtype).removeprefix("torch.")  # run.json keeps it
+        check_compute_dtype(args)
+        self.device = device
+        done = already_done(args)  # a run at its end: say so, write nothing
+        if done and master:
+            say("train.py: " + done)
+        self.nothing_left = bool(done)
+        if self.ddp and not done:
+            torch.distributed.barrier()  # every rank has read --out before rank 0 changes it
+        self.signal = None  # Ctrl-C or SIGTERM: finish the step, checkpoint, leave
+        self.stopping = self.at_max_steps = False
+
+    def start(self, model, optimizer, scaler, info, world):
+        """The run's first line, --out prepared (rank 0), the signals caught; with --resume the
+        checkpoint loaded. Returns the position: epoch, batches_done, step, skipped_steps, best."""
+        args = self.args
+        if self.master:
+            say(summary(args, model, info, self.device, self.dtype, self.why, world))
+            if self.resumed_length:
+                say(f"resuming with the run's settings from {args.out}/run.json; "
+                    f"{self.resumed_length}")
+            prepare_out(args)  # the first write into --out
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: setattr(self, "signal", signum))
+        if self.ddp:
+            torch.distributed.barrier()  # the others read --out only once rank 0 prepared it
+        at = {"epoch": 0, "batches_done": 0, "step": 0, "skipped_steps": 0, "best": None}
+        if args.resume:
+            at = load(args.out, model, optimizer, scaler)
+            if self.master:
+                keep_metrics_until(args.out, at["step"])
+                say(f"resuming after step {at['step']} (epoch {at['epoch'] + 1}, batch "
+                    f"{at['batches_done'] + 1})")
+        self.saved_step = at["step"] if args.resume else None
+        self.saved_epoch = at["epoch"]
+        self.skipped_steps = at["skipped_steps"]
+        self.scaler, self.scale = scaler, scaler.get_scale()
+        self.steps_per_epoch = -(-info["train"] // args.batch_size)
+        return at
+
+    def log_eval(self, step, epoch, alpha, val_loss, is_best=False):
+        """A validation's metrics row and line (rank 0): before training at step 0, else at
+        the end of an epoch, the best so far kept."""
+        log(self.args.out, kind="eval", step=step, epoch=epoch, alpha=alpha, val_loss=val_loss,
+            **({"best": is_best} if step else {}))
+        if not step:
+            say(f"validation loss before training: {val_loss:.4f}")
+        else:
+            say(f"epoch {epoch}: validation loss {val_loss:.4f} (alpha {alpha})"
+                + (", the best so far: kept" if is_best else ""))
+
+    def start_epoch(self, epoch):
+        """The progress line's clock: tokens per second and the time left, in this epoch."""
+        self.clock = Clock(epoch, self.steps_per_epoch)
+
+    def log_step(self, step, epoch, i, alpha, loss, batch, scaler):
+        """A step's metrics row and progress line (rank 0). float16: a step whose gradients
+        overflowed was skipped by scaler.step, which the lowered scale tells."""
+        tokens_per_s = self.clock.tick(int(batch["lengths"].sum()))
+        skipped = scaler.get_scale() < self.scale  # the one sign of a skipped step
+        self.scale = scaler.get_scale()
+        self.skipped_steps += skipped
+        if not self.master:
+            return
+        row = dict(kind="step", step=step, epoch=epoch, alpha=alpha, loss=loss,
+                   tokens_per_s=tokens_per_s)
+        if scaler.is_enabled():
+            row.update(skipped=skipped, skipped_steps=self.skipped_steps,
+                       loss_scale=scaler.get_scale())
+        log(self.args.out, **row)
+        self.line = (i, loss, alpha, self.args.epochs)
+        at_max_steps = bool(self.args.max_steps and step >= self.args.max_steps)
+        self.clock.show(*self.line, final=at_max_steps)
+
+    def should_stop(self, step):
+        """True after --max-steps, or once any process caught Ctrl-C or SIGTERM. A signal may
+        reach the processes a step apart: they agree, so that all leave after the same step
+        (the ones still training would wait forever)."""
+        if self.ddp:
+            flag = torch.tensor([self.signal or 0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signal = int(flag) or None
+        self.at_max_steps = bool(self.args.max_steps and step >= self.args.max_steps)
+        self.stopping = self.at_max_steps or self.signal is not None
+        if self.stopping and not self.at_max_steps and self.master:
+            self.clock.show(*self.line, final=True)  # the progress line ends with the run
+        return self.stopping
+
+    def checkpoint_due(self, step):
+        """A checkpoint every --checkpoint-every steps (and at every epoch's end)."""
+        return step % self.args.checkpoint_every == 0
+
+    def save(self, model, optimizer, scaler, epoch, batches_done, step, alpha, best,
+             best_too=False):
+        """Checkpoint (rank 0): save() below, at this position."""
+        if self.master:
+            position = dict(epoch=epoch, batches_done=batches_done, step=step, alpha=alpha,
+                            skipped_steps=self.skipped_steps, best=best)
+            save(self.args.out, model, optimizer, scaler, position, self.args.model, best_too)
+        self.saved_step, self.saved_epoch = step, epoch
+
+    def check_finite(self, loss, step):
+        """FloatingPointError for an inf or NaN loss, before a step carries it into A and B."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(not_finite(loss, step, self.saved_step, self.args.out,
+                                                self.scaler.is_enabled()))
+
+    def end(self, step, best):
+        """The last lines (rank 0) and the exit status: 0, or 128 + the signal that stopped it."""
+        sig = None if self.at_max_steps else self.signal
+        if not self.master:
+            return 128 + sig if sig else 0
+        return report_end(self.args, step, self.skipped_steps, best, self.saved_epoch, sig)
 
 
-if __name__ == "__main__":
-    main()
+def summary(args, model, info, device, dtype, why, world):
+    """train.py's first line: the model, what trains, the data, the device and the formulas."""
+    trainable, total = lora.count_parameters(model)
+    formulas = ("speed/kernels.py's hand-written backward passes (--kernels)" if args.kernels
+                else f"llama.py and lora.py as written, attention: {args.attention}")
+    return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+            f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
+            f"{describe_skips(info['skipped'])}; {info['truncated']} cut and "
+            f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
+            f"{str(dtype).replace('torch.', '')} ({why}), {world} process(es); "
+            f"formulas: {formulas}")
+
+
+# ----------------------------------------------------------------------------- eval.py's split
+
+# The flags that fix train.py's split, with train.py's defaults.
+SPLIT_FLAGS = {"data": DEFAULT_DATASET, **SPLIT}
+
+
+def same(name, mine, theirs):
+    if name == "data" and os.path.isfile(mine) and os.path.isfile(theirs):
+        return os.path.samefile(mine, theirs)  # one file, named two ways
+    return mine == theirs
+
+
+def use_the_runs_split(args):
+    """Fill --data, --seed, --val-fraction, --max-len (and --model) the user left out with the
+    run's own, else train.py's defaults. Another split than the run's would score quotes the
+    adapter trained on, as if held out: a flag that differs is refused, or with
+    --allow-other-split warned about."""
+    path, run = run_beside(args.adapter) if args.adapter else (None, {})
+    given = {k: getattr(args, k) for k in SPLIT_FLAGS if getattr(args, k) is not None}
+    changed = [f"--{k.replace('_', '-')} {v} (the run's: {run[k]})" for k, v in given.items()
+               if run.get(k) is not None and not same(k, v, run[k])]
+    if changed and not args.allow_other_split:
+        raise ValueError(f"{', '.join(changed)}: another split than {path} records would score "
+                         "training quotes (leave the flag out, or pass --allow-other-split)")
+    if changed:
+        print(f"eval.py: warning: {', '.join(changed)}: another split than {path} records; "
+              "some scored quotes may be training quotes", file=sys.stderr)
+    for name, default in SPLIT_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default if run.get(name) is None else run[name])
+    if args.model is None and isinstance(run.get("model"), str):
+        args.model = run["model"]
+    args.run_json = path  # eval.py names it once the quotes are read
+
+
+def say_which_split(args):
+    split = (f"--data {args.data} --seed {args.seed} --val-fraction {args.val_fraction} "
+             f"--max-len {args.max_len}")
+    if args.run_json:
+        print(f"eval.py: the split of {args.run_json}: {split}", file=sys.stderr)
+    elif args.adapter:
+        print(f"eval.py: note: no run.json beside {args.adapter}; scoring the split of {split}, "
+              "which must be the one train.py used", file=sys.stderr)

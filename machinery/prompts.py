@@ -1,0 +1,74 @@
+"""Prompts in, completions out, for sample.py and eval.py: prompts read from the command line and
+a file, generated in batches of similar length (with a progress bar when there are many), and the
+alpha sweep printed side by side.
+"""
+import json
+import sys
+from pathlib import Path
+
+from llama import generate, greedy
+from machinery.device import autocast
+from machinery.progress import progress
+
+
+def read_prompts(args):
+    """The prompts of the command line, then one a line of --prompts-file. ValueError for none or
+    an empty one, FileNotFoundError naming the file."""
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path}: no such file")
+        # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of prompt 1
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass one as an argument or use --prompts-file")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ValueError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=generate):
+    """The text each prompt continues with, in the prompts' order. ids: prompts as token ids, bos
+    first; args: sample.py's and eval.py's flags (max_new_tokens, batch_size); pick: how a next
+    token is chosen (llama.greedy, or sample.py's sampler); generate: llama.generate, or the
+    speed chapter's packed one. Prompts of similar length share a batch. ValueError if a prompt
+    would pass the model's context."""
+    context = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + args.max_new_tokens > context:
+            raise ValueError(f"prompt {i + 1} is {len(p)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it passes the model's context of {context}")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    completions = [None] * len(ids)
+    batches = range(0, len(order), args.batch_size)
+    if len(batches) > 1:
+        batches = progress(batches, "writing tags (batches)")
+    for start in batches:
+        chunk = order[start:start + args.batch_size]
+        with autocast(device, dtype):
+            new = generate(model, [ids[i] for i in chunk], args.max_new_tokens, pick=pick)
+        for i, tokens in zip(chunk, new):
+            completions[i] = tokenizer.decode(tokens)
+    return completions
+
+
+def print_completions(prompts, completions, jsonl):
+    """prompt + completion a line, or {"prompt", "completion"} a line with --jsonl."""
+    for prompt, completion in zip(prompts, completions):
+        row = {"prompt": prompt, "completion": completion}
+        print(json.dumps(row) if jsonl else prompt + completion)
+
+
+def print_sweep(prompts, by_alpha, jsonl):
+    """One block per prompt, one line per alpha: the completions side by side, newlines shown as
+    \\n (repr) so that each stays on its line. --jsonl: {"prompt", "alpha", "completion"} rows."""
+    width = max(len(f"{alpha:g}") for alpha, _ in by_alpha)
+    for i, prompt in enumerate(prompts):
+        if not jsonl:
+            print(prompt)
+        for alpha, completions in by_alpha:
+            row = {"prompt": prompt, "alpha": alpha, "completion": completions[i]}
+            print(json.dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")
