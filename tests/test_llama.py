@@ -159,14 +159,15 @@ def test_written_out_attention_through_the_cache_gives_the_full_forward(pair, mo
 
 
 def test_generate_on_the_written_out_attention_gives_the_sdpa_tokens(pair, monkeypatch):
-    """Left-padded prompts of different lengths (the padding mask of llama.generate), greedy,
-    no eos: the same tokens on either path."""
+    """Prompts of different lengths, right-aligned in one cache (the mask of llama.generate's
+    steps), greedy, no eos: the same tokens on either path."""
     _, ours, _ = pair
     mine, calls = written(ours, monkeypatch)
     prompts = [tokens(ours.config.vocab_size, (n,), seed=n).tolist() for n in (3, 11, 6)]
     expected = generate(ours, prompts, max_new_tokens=10, eos_ids=[])
     assert generate(mine, prompts, max_new_tokens=10, eos_ids=[]) == expected
-    assert len(calls) == 10 * ours.config.num_hidden_layers  # the prefill and 9 steps
+    # a forward a prompt (3 of them), then 9 steps
+    assert len(calls) == (len(prompts) + 9) * ours.config.num_hidden_layers
 
 
 def test_set_attention_refuses_an_unknown_kind(pair):

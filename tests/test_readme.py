@@ -1,5 +1,5 @@
-"""README.md stays true where a test can tell: its length, the line counts of the reading path,
-and the files it links to.
+"""README.md stays true where a test can tell: its length, the line counts of the reading path
+and of the machinery, and the files it links to.
 
 Oracles: the files themselves (their line counts as `wc -l` counts them, their existence).
 """
@@ -35,3 +35,21 @@ def test_every_relative_link_points_to_a_file_of_the_repository():
     links = re.findall(r"\]\(((?!https?:)[^)#]+)", README)
     assert links, "the README links to its docs"
     assert [link for link in links if not (ROOT / link).exists()] == []
+
+
+def lines(path):
+    return len(path.read_text().splitlines())
+
+
+def test_the_machinery_line_count_is_the_sum_of_its_files():
+    said = re.search(r"`machinery/` \(([\d,]+) lines", README)
+    assert said, "the README states the machinery's size"
+    total = sum(lines(p) for p in (ROOT / "machinery").glob("*.py"))
+    assert int(said.group(1).replace(",", "")) == total
+
+
+def test_the_reading_path_runs_method_lora_llama_data_train_sample_eval():
+    rows = re.findall(r"^\| (\d) \| (.+?) \|", README, flags=re.M)
+    assert [name for _, name in rows] == ['"The method", above', "`lora.py`", "`llama.py`",
+                                          "`data.py`", "`train.py`", "`sample.py`", "`eval.py`"]
+    assert README.index("## The method") < README.index("## Read the code")
