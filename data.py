@@ -71,14 +71,75 @@ class QuoteTokenizer:
 
 # ----------------------------------------------------------------------------- one sample
 
+def prompt_and_completion_ids(tokenizer: QuoteTokenizer, prompt: str,
+                              completion: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids). The whole text is tokenized at once, so that the completion
+    gets the tokens the model would write itself (" love" is one token, not " " + "love"); the
+    boundary is the length of the prompt's tokens, never a search for a separator in the text
+    (quotes contain "|" too)."""
+    prompt_ids = tokenizer.encode(prompt)
+    full_ids = tokenizer.encode(prompt + completion)
+    if full_ids[:len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids):]
+    # BPE merged a token across the boundary (":" and the first tag). At sampling time the model
+    # sees exactly prompt_ids, so it must learn to continue from them: tokenize the parts apart.
+    return prompt_ids, tokenizer.encode(completion)
+
+
+def sample_of(tokenizer: QuoteTokenizer, prompt_ids: list[int], completion_ids: list[int]):
+    """bos + prompt + completion + eos as one sample: {"input_tokens", "output_tokens",
+    "sep_token_index"}; the loss is on the completion and the eos."""
+    tokens = [tokenizer.bos_id] + prompt_ids + completion_ids + [tokenizer.eos_id]
+    return {"input_tokens": tokens[:-1], "output_tokens": tokens[1:],
+            "sep_token_index": len(prompt_ids)}
+
+
+def completion_sample(tokenizer: QuoteTokenizer, prompt: str, completion: str,
+                      max_len: int | None = None) -> tuple[dict | None, bool]:
+    """(sample, whether it was cut) for any prompt and completion. To fit max_len, the prompt
+    loses its first tokens (its end, the cue nearest the answer, stays) and the completion is
+    kept whole: it is what the loss is about. None when not one prompt token is left."""
+    prompt_ids, completion_ids = prompt_and_completion_ids(tokenizer, prompt, completion)
+    truncated = max_len is not None and len(prompt_ids) + len(completion_ids) + 1 > max_len
+    if truncated:
+        room = max_len - 1 - len(completion_ids)
+        if room < 1:
+            return None, True
+        prompt_ids = prompt_ids[-room:]
+    return sample_of(tokenizer, prompt_ids, completion_ids), truncated
+
+
+def supervise_everything(sample: dict) -> dict:
+    """--train-on-input: the loss on every token, the prompt's too, not after the separator only.
+    sep_token_index still marks where the prompt ends (for sampling and scoring)."""
+    return {**sample, "supervised": [1] * len(sample["input_tokens"])}
+
+
+def sample_of_chat(ids: list[int], supervised: list[int]) -> dict:
+    """A chat rendered in its template as one sample (machinery/chat.py makes ids and supervised,
+    1 where ids[i] is a target: each assistant turn and its end-of-turn token). A chat has several
+    such spans, so the sample carries its mask, per position of input_tokens; sep_token_index is
+    where the last assistant turn starts: input_tokens[:sep_token_index + 1] prompts for it."""
+    last_turn = max(i for i, s in enumerate(supervised) if s and not supervised[i - 1])
+    return {"input_tokens": ids[:-1], "output_tokens": ids[1:],
+            "sep_token_index": last_turn - 1, "supervised": supervised[1:]}
+
+
+# ----------------------------------------------------------------------------- the quotes
+
 def prompt_text(quote: str) -> str:
     """'quote | tags:': every sample's prompt, and exactly what sample.py prompts with."""
     return quote + SEPARATOR
 
 
+def completion_text(tags: list[str]) -> str:
+    """' tag1, tag2': what the model learns to write after the prompt."""
+    return " " + ", ".join(tags)
+
+
 def sample_text(quote: str, tags: list[str]) -> str:
     """'quote | tags: tag1, tag2': the whole text of one sample."""
-    return prompt_text(quote) + " " + ", ".join(tags)
+    return prompt_text(quote) + completion_text(tags)
 
 
 def make_sample(tokenizer: QuoteTokenizer, quote: str, tags: list[str],
@@ -90,34 +151,22 @@ def make_sample(tokenizer: QuoteTokenizer, quote: str, tags: list[str],
 
 def _make_sample(tokenizer, quote, tags, max_len):
     """make_sample's answer, and whether the quote was cut."""
-    prompt_ids = tokenizer.encode(prompt_text(quote))
-    text = sample_text(quote, tags)
-    full_ids = tokenizer.encode(text)
-    # The whole text is tokenized at once so the tags get the tokens the model would write itself
-    # (" love" is one token, not " " + "love"). The boundary is the length of the prompt's tokens,
-    # never a search for "|": quotes contain "|" too.
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        tag_ids = full_ids[len(prompt_ids):]
-    else:
-        # BPE merged a token across ":" and the first tag. At sampling time the model sees exactly
-        # prompt_ids, so it must learn to continue from them: tokenize the two parts apart.
-        tag_ids = tokenizer.encode(text[len(prompt_text(quote)):])
+    prompt_ids, tag_ids = prompt_and_completion_ids(tokenizer, prompt_text(quote),
+                                                    completion_text(tags))
     truncated = max_len is not None and len(prompt_ids) + len(tag_ids) + 1 > max_len
     if truncated:
         prompt_ids = _cut_quote(tokenizer, quote, prompt_ids, max_len - 1 - len(tag_ids))
         if prompt_ids is None:
             return None, True
-    tokens = [tokenizer.bos_id] + prompt_ids + tag_ids + [tokenizer.eos_id]
-    sample = {"input_tokens": tokens[:-1], "output_tokens": tokens[1:],
-              "sep_token_index": len(prompt_ids)}
-    return sample, truncated
+    return sample_of(tokenizer, prompt_ids, tag_ids), truncated
 
 
 def _cut_quote(tokenizer, quote, prompt_ids, room):
     """Cut the quote's tokens so that quote + separator fill `room` tokens; None if none fits.
 
-    The separator and every tag are kept: they are what the loss is about. A sample with no quote
-    token left would teach tags for nothing, so it is dropped instead."""
+    The separator and every tag are kept: they are what the loss is about, and the separator is
+    the cue to write tags. A sample with no quote token left would teach tags for nothing, so it
+    is dropped instead."""
     sep_ids = tokenizer.encode(SEPARATOR)
     if prompt_ids[-len(sep_ids):] == sep_ids:
         quote_ids = prompt_ids[:-len(sep_ids)]
@@ -217,7 +266,11 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     for b, sample in enumerate(samples):
         n, sep = len(sample["input_tokens"]), sample["sep_token_index"]
         input_tokens[b, :n] = torch.tensor(sample["input_tokens"])
-        targets[b, sep:n] = torch.tensor(sample["output_tokens"][sep:])  # the tags and the eos
+        # The loss from the separator on (the tags and the eos), unless the sample marks its
+        # targets itself (a chat's replies, --train-on-input's every token).
+        supervised = torch.tensor(sample.get("supervised") or [i >= sep for i in range(n)])
+        output = torch.tensor(sample["output_tokens"])
+        targets[b, :n] = output.masked_fill(~supervised.bool(), IGNORE_INDEX)
     return {"input_tokens": input_tokens, "targets": targets, "lengths": lengths}
 
 
@@ -251,3 +304,8 @@ def batches(samples: list[dict], batch_size: int, pad_id: int, shuffle: bool = T
         groups = [groups[i] for i in rng.permutation(len(groups))]
     for group in groups:
         yield collate([samples[i] for i in group], pad_id)
+
+
+if __name__ == "__main__":  # python data.py --model M --data FILE --show 3: the samples, marked
+    from machinery.data_files import show_command
+    raise SystemExit(show_command())

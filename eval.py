@@ -1,13 +1,16 @@
 """Score an adapter on held-out quotes: validation loss on tag tokens, and tag precision / recall /
-F1 of greedy completions (sample.py's, without sampling) against the true tags.
+F1 of greedy completions (sample.py's, without sampling) against the true tags. On other data
+(completion, alpaca, chat: see machinery/data_files.py) the loss is on the answer's tokens and
+the score is the share of greedy completions equal to the answer (--score tags for answers that
+are tag lists).
 
     python eval.py --adapter out               # the adapter train.py wrote
     python eval.py --no-adapter --model M      # the base model, for the "before" row
     python eval.py --adapter out --alpha-sweep 0,0.25,1,4,16 --plot sweep.png   # alpha's effect
 
 The held-out quotes are train.py's validation split, so the adapter never saw them. With a
-train.py --out folder, its run.json gives --data, --seed, --val-fraction and --max-len; otherwise
-(--no-adapter, a PEFT folder) pass the ones train.py used.
+train.py --out folder, its run.json gives --data, --format, --seed, --val-fraction and --max-len;
+otherwise (--no-adapter, a PEFT folder) pass the ones train.py used.
 
 --alpha-sweep scores one adapter at several alphas, the same quotes each time: alpha 0 is the
 base, the trained alpha is the adapter, and past it the update is scaled up, which the method's
@@ -59,6 +62,30 @@ def tag_scores(completions, true_tags):
             "tag_shaped": sum(map(looks_like_tags, completions)) / len(completions)}
 
 
+def exact_match(completions, references):
+    """The share of completions equal to their reference once whitespace is normalized (runs of
+    it one space, none at the ends): the score of completion, alpaca and chat data."""
+    same = sum(" ".join(c.split()) == " ".join(r.split()) for c, r in zip(completions, references))
+    return {"exact_match": same / len(completions)}
+
+
+def scores(completions, samples, how):
+    """how "tags": tag P/R/F1 (the quotes' tags, or a reference that lists tags, "a, b");
+    "exact": the exact-match share of the references."""
+    if how == "exact":
+        return exact_match(completions, [s["reference"] for s in samples])
+    wanted = [s["tags"] if "tags" in s else s["reference"].split(",") for s in samples]
+    return tag_scores(completions, wanted)
+
+
+def one_line(row):
+    """A sweep's row as one line: the loss, and the scores of its data's shape."""
+    if "f1" in row:
+        return (f"P / R / F1 {row['precision']:.2f} / {row['recall']:.2f} / {row['f1']:.2f}, "
+                f"tag-shaped {row['tag_shaped']:.0%}")
+    return f"exact match {row['exact_match']:.0%}"
+
+
 def evaluate(args):
     """Score the model on the held-out quotes; with --alpha-sweep, once per alpha. Returns the
     result (a dict), or {"trained_alpha": the adapter's, "sweep": [one result per alpha]}."""
@@ -70,8 +97,9 @@ def evaluate(args):
     if args.kernels:
         from speed import kernels  # the speed chapter, imported only when asked for
         kernels.use(model)
-    _, val, _, _ = data_files.load_dataset(model.model_dir, args.data, args.max_len,
-                                           args.val_fraction, args.seed)
+    _, val, _, info = data_files.load_dataset(model.model_dir, args.data, args.max_len,
+                                              args.val_fraction, args.seed, args.format)
+    args.format = info["format"]
     if not val:
         raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
                          f"{args.val_fraction} of the usable quotes rounds to none)")
@@ -83,9 +111,8 @@ def evaluate(args):
     for alpha in args.alpha_sweep:
         lora.set_alpha(model, alpha)  # every LoraModule: the same B A, scaled
         rows.append(score(model, tokenizer, val, args, device, dtype))
-        print(f"eval.py: alpha {alpha:g}: validation loss {rows[-1]['val_loss']:.4f}, P / R / F1 "
-              f"{rows[-1]['precision']:.2f} / {rows[-1]['recall']:.2f} / {rows[-1]['f1']:.2f}, "
-              f"tag-shaped {rows[-1]['tag_shaped']:.0%}", file=sys.stderr)
+        print(f"eval.py: alpha {alpha:g}: validation loss {rows[-1]['val_loss']:.4f}, "
+              f"{one_line(rows[-1])}", file=sys.stderr)
     return {"trained_alpha": trained, "sweep": rows}  # main() plots it, once the JSON is out
 
 
@@ -103,10 +130,16 @@ def score(model, tokenizer, val, args, device, dtype):
         generate_fn = generate
     completions = prompts.complete(model, tokenizer, ids, args, device, dtype,
                                    generate=generate_fn)
-    result.update(tag_scores(completions, [s["tags"] for s in held_out]), n=len(held_out),
+    how = args.score or ("tags" if args.format == "quotes" else "exact")
+    result.update(scores(completions, held_out, how), n=len(held_out),
                   seconds=round(time.time() - t0, 1))
     for s, c in list(zip(held_out, completions))[:args.show]:
-        print(f"{s['quote'][:70]!r} | true: {', '.join(s['tags'])} | wrote:{c!r}", file=sys.stderr)
+        if args.format == "quotes":
+            print(f"{s['quote'][:70]!r} | true: {', '.join(s['tags'])} | wrote:{c!r}",
+                  file=sys.stderr)
+        else:
+            asked = tokenizer.decode(prompt_ids(s))[-70:]
+            print(f"...{asked!r} | true: {s['reference']!r} | wrote: {c!r}", file=sys.stderr)
     return result
 
 

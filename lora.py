@@ -302,7 +302,8 @@ def check_targets(targets, linears):
 # ----------------------------------------------------------------------------- python lora.py
 
 def demo():
-    """LoRA on a toy model of two Linear layers, each claim checked as it is printed."""
+    """LoRA on a toy model of two Linear layers, each claim checked as it is printed. Returns
+    whether all of them held."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(32, 64)  # a batch of 32 inputs
@@ -311,34 +312,36 @@ def demo():
     model = copy.deepcopy(base)
     add_lora(model, r=4, alpha=1.0, init="zero")  # standard LoRA: B = 0
     trainable, total = count_parameters(model)
-    print(f"a toy model of 2 Linear layers, {total - trainable:,} numbers; LoRA r=4 adds "
-          f"{trainable:,} trainable ones (A and B), {trainable / total:.0%} of the whole")
-    print(f"B = 0 (standard LoRA): the output equals the base's exactly: "
-          f"{torch.equal(model(x), y_base)}")
+    print(f"toy model: Linear(64, 64), ReLU, Linear(64, 10): {total - trainable:,} numbers, "
+          f"frozen;\n  LoRA r=4 adds {trainable:,} trainable ones (A and B), "
+          f"{trainable / total:.0%} of the whole")
+    same = torch.equal(model(x), y_base)
+    print(f"B = 0 (standard LoRA): the output equals the base's exactly: {same}")
 
     model = copy.deepcopy(base)
     add_lora(model, r=4, alpha=0.125, init="random")  # the method: B random too
     y_lora = model(x)
-    print(f"B random (the method), alpha 0.125: the output moved by at most "
-          f"{(y_lora - y_base).abs().max():.4f} from step 0")
+    moved_at_start = (y_lora - y_base).abs().max().item()
+    print(f"B random (the method), alpha 0.125: the output moves from step 0, by at most "
+          f"{moved_at_start:.4f}")
 
     merged = copy.deepcopy(model)
     merge_lora(merged)  # W + alpha B A: plain Linear layers again
-    print(f"merged into W + alpha B A: plain nn.Linear again "
-          f"({type(merged[0]).__name__}), the output the same up to rounding "
-          f"(max difference {(merged(x) - y_lora).abs().max():.1e})")
+    diff = (merged(x) - y_lora).abs().max().item()
+    print(f"merged (W + alpha B A in one nn.{type(merged[0]).__name__}): the same output up to "
+          f"rounding, max difference {diff:.1e}")
 
     frozen = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
-    lora = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
+    trained = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
     loss = (model(x) - torch.randn(32, 10)).pow(2).mean()  # any loss will do
     loss.backward()
     optimizer.step()
     params = dict(model.named_parameters())
-    moved = all(not torch.equal(params[name], p) for name, p in lora.items())
+    moved = all(not torch.equal(params[name], p) for name, p in trained.items())
     still = all(torch.equal(params[name], p) for name, p in frozen.items())
     print(f"one AdamW step: every A and B moved ({moved}), W and the biases stayed ({still})")
-    return moved and still
+    return same and moved_at_start > 0 and diff < 1e-5 and moved and still
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import lora
 from data import SEPARATOR
 from llama import DEFAULT_MODEL, generate, greedy
-from machinery import adapters, cli, command, loading, prompts
+from machinery import adapters, chat, cli, command, data_files, loading, prompts
 from machinery.device import device_and_dtype
 
 
@@ -73,10 +73,24 @@ def shape_prompts(texts):
     return shaped
 
 
-def complete_prompts(model, tokenizer, texts, args, device, dtype):
-    """The completions of the prompts (texts), in their order, seeded by --seed; with --kernels,
-    the speed chapter's packed generation."""
-    ids = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]  # as training read them
+def prompt_ids(tokenizer, texts, form, model_dir):
+    """Each prompt's token ids, in the shape the adapter was trained on (form: run.json's
+    --format, or chat with --chat): a chat's user turn in the model's own template, ending with
+    the assistant's header; an alpaca instruction in alpaca's prompt; a quote or any other
+    completion prompt as it is, after bos."""
+    if form == "chat":
+        template = data_files.chat_template(model_dir)
+        names = data_files.special_tokens(tokenizer)
+        return [chat.generation_prompt(tokenizer.tokenizer, template,
+                                       [{"role": "user", "content": t}], *names) for t in texts]
+    if form == "alpaca":
+        texts = [data_files.alpaca_prompt(t) for t in texts]
+    return [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]  # as training read them
+
+
+def complete_prompts(model, tokenizer, ids, args, device, dtype):
+    """The completions of the prompts (token ids), in their order, seeded by --seed; with
+    --kernels, the speed chapter's packed generation."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pick = sampler(args.temperature, args.top_k, args.top_p, generator)
     generate_fn = generate
@@ -85,7 +99,7 @@ def complete_prompts(model, tokenizer, texts, args, device, dtype):
     return prompts.complete(model, tokenizer, ids, args, device, dtype, pick, generate_fn)
 
 
-def sweep(model, tokenizer, texts, args, device, dtype):
+def sweep(model, tokenizer, ids, args, device, dtype):
     """[(alpha, completions of all prompts)] for each --alpha-sweep alpha, in its order. The
     adapter stays apart from W (not merged): set_alpha rescales the same B A in every
     LoraModule."""
@@ -94,13 +108,13 @@ def sweep(model, tokenizer, texts, args, device, dtype):
     by_alpha = []
     for alpha in args.alpha_sweep:
         lora.set_alpha(model, alpha)
-        by_alpha.append((alpha, complete_prompts(model, tokenizer, texts, args, device, dtype)))
+        by_alpha.append((alpha, complete_prompts(model, tokenizer, ids, args, device, dtype)))
     return by_alpha
 
 
 def write(args):
     """Load the model and its adapter, then write: once, or once per --alpha-sweep alpha.
-    Returns (the prompts as shaped, their completions or the sweep's)."""
+    Returns (the prompts as shaped, their completions or the sweep's, the prompts' form)."""
     texts = prompts.read_prompts(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
     adapter, read = loading.pick(args), adapters.read  # --adapter, else out/ if train.py wrote it
@@ -110,13 +124,16 @@ def write(args):
     if args.kernels:
         from speed import kernels  # the speed chapter, imported only when asked for
         kernels.use(model)
-    texts = shape_prompts(texts)  # its note after the loading lines, and only if it loaded
+    form = "chat" if args.chat else loading.trained_format(adapter)  # how it learned to read
+    if form == "quotes":
+        texts = shape_prompts(texts)  # its note after the loading lines, and only if it loaded
+    ids = prompt_ids(tokenizer, texts, form, model.model_dir)
     if args.alpha_sweep:
-        return texts, sweep(model, tokenizer, texts, args, device, dtype)
+        return texts, sweep(model, tokenizer, ids, args, device, dtype), form
     # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
     # costs the base model's products, not two more small ones (and casts) per Linear.
     lora.merge_lora(model)
-    return texts, complete_prompts(model, tokenizer, texts, args, device, dtype)
+    return texts, complete_prompts(model, tokenizer, ids, args, device, dtype), form
 
 
 def parse_args(argv=None):
@@ -124,6 +141,8 @@ def parse_args(argv=None):
     add = p.add_argument
     add("prompts", nargs="*", help='prompts such as "<quote> | tags:" (" | tags:" is added '
         "where missing)")
+    add("--chat", action="store_true", help="each prompt a user's turn in the model's chat "
+        "template, answered by the assistant (default for an adapter trained on chats)")
     add("--alpha", type=float, default=None,
         help="override the adapter's alpha (try 4 or 16 to watch the 'concussion'; "
         "default: the adapter's)")
@@ -145,11 +164,11 @@ def main(argv=None):
     status, result = command.run_quietly("sample.py", write, args)  # errors: one line, exit 2
     if status is not None:
         return status
-    texts, written = result
+    texts, written, form = result
     if args.alpha_sweep:
         prompts.print_sweep(texts, written, args.jsonl)  # a block a prompt, a line an alpha
-    else:
-        prompts.print_completions(texts, written, args.jsonl)
+    else:  # a chat's answer is a turn of its own: on its own line
+        prompts.print_completions(texts, written, args.jsonl, "\n" if form == "chat" else "")
     return 0
 
 

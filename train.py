@@ -51,6 +51,8 @@ def parse_args(argv=None):
         "e.g. q_proj,v_proj; 'all' = every Linear")
     add("--loss", choices=["ce", "sigmoid-ce"], default="ce", help="ce: cross-entropy of the "
         "logits; sigmoid-ce: of sigmoid(logits), as the original recipe did")
+    add("--train-on-input", action="store_true", help="the loss on every token, the prompt's "
+        "too, instead of after the separator (on the answers) only")
     # The loop's
     add("--epochs", type=cli.positive(int), default=3, help="passes over the training quotes")
     add("--batch-size", type=cli.positive(int), default=8,

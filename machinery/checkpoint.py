@@ -39,7 +39,8 @@ CHECKPOINT = "checkpoint.pt"
 LAST_ADAPTER = "adapter-last.safetensors"
 # Flags that define a run: --resume takes them from run.json, and refuses one given otherwise.
 RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "lr", "targets",
-             "init", "loss", "dtype", "seed", "val_fraction", "max_len")
+             "init", "loss", "dtype", "seed", "val_fraction", "max_len", "format",
+             "train_on_input")
 # Flags that leave each step's arithmetic as it is: how far to train, and into how many pieces a
 # batch is cut to save memory (--grad-accum: the same gradient, summed in another order). --resume
 # keeps the run's unless given again, so a run that ran out of memory goes on with more pieces.
@@ -379,6 +380,7 @@ class RunFolder:
         """The run's first line, --out prepared (rank 0), the signals caught; with --resume the
         checkpoint loaded. Returns the position: epoch, batches_done, step, skipped_steps, best."""
         args = self.args
+        args.format = info["format"]  # as told by the rows, for run.json (sample.py reads it)
         if self.master:
             say(summary(args, model, info, self.device, self.dtype, self.why, world))
             if self.resumed_length:
@@ -481,10 +483,11 @@ class RunFolder:
 def summary(args, model, info, device, dtype, why, world):
     """train.py's first line: the model, what trains, the data, the device and the formulas."""
     trainable, total = lora.count_parameters(model)
+    what = "quotes" if info["format"] == "quotes" else f"samples ({info['format']})"
     formulas = ("speed/kernels.py's hand-written backward passes (--kernels)" if args.kernels
                 else f"llama.py and lora.py as written, attention: {args.attention}")
     return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-            f"(LoRA r={args.r}); {info['train']} train / {info['val']} val quotes; "
+            f"(LoRA r={args.r}); {info['train']} train / {info['val']} val {what}; "
             f"{describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
             f"{str(dtype).replace('torch.', '')} ({why}), {world} process(es); "
@@ -494,7 +497,7 @@ def summary(args, model, info, device, dtype, why, world):
 # ----------------------------------------------------------------------------- eval.py's split
 
 # The flags that fix train.py's split, with train.py's defaults.
-SPLIT_FLAGS = {"data": DEFAULT_DATASET, **SPLIT}
+SPLIT_FLAGS = {"data": DEFAULT_DATASET, **SPLIT, "format": None}
 
 
 def same(name, mine, theirs):

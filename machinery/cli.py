@@ -10,6 +10,7 @@ import math
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 LR = 5e-4  # train.py's --lr and bench.py's: docs/recipe.md measured why
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
+FORMATS = ("quotes", "completion", "alpaca", "chat")  # machinery/data_files.py reads them
 
 
 def parser(prog, doc):
@@ -112,6 +113,9 @@ def add_train_flags(p):
     add("--max-steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (counted from the run's start, also on "
         "--resume); default: all of --epochs")
+    add("--format", choices=FORMATS, default=None, help="the rows of --data: quotes, completion "
+        "(prompt, completion), alpaca (instruction, input, output) or chat (messages); default: "
+        "told by the first row's keys")
     add("--seed", type=seed, default=0, help="seeds LoRA init, the split and the data order")
     add("--val-fraction", type=float, default=0.1, help="share of quotes held out for validation")
     add("--max-len", type=positive(int), default=256,
@@ -234,6 +238,8 @@ def add_eval_flags(p, default_dataset):
         help="with --alpha-sweep: draw loss and F1 against alpha into this PNG "
         "(needs matplotlib; default: none)")
     add("--data", default=None, help="the --data train.py used" + run % default_dataset)
+    add("--format", choices=FORMATS, default=None, help="the rows of --data, as train.py's "
+        "--format" + run % "told by the first row's keys")
     add("--seed", type=seed, default=None, help="train.py's --seed, it fixes the split" + run % 0)
     add("--val-fraction", type=float, default=None,
         help="train.py's --val-fraction" + run % 0.1)
@@ -245,6 +251,9 @@ def add_eval_flags(p, default_dataset):
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--dtype", choices=DTYPES, default="auto", help="compute dtype")
     add("--show", type=int, default=3, help="print this many example completions")
+    add("--score", choices=["tags", "exact"], default=None, help="tags: precision, recall and "
+        "F1 of comma-separated tags; exact: the share of completions equal to the answer "
+        "(whitespace aside); default: tags for quotes, exact for the other shapes")
     add_formula_flags(p, "score with the speed chapter (speed/): hand-written kernels, prompts "
                       "read packed; the same scores, faster")
 

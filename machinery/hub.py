@@ -55,28 +55,48 @@ def resolve_model_dir(name_or_path):
 # ----------------------------------------------------------------------------- datasets
 
 def resolve_data_file(source):
-    """A local JSONL file, or the quotes.jsonl of a hub dataset repo ("owner/name"), downloaded
-    once. Raises ValueError for a folder, FileNotFoundError naming the file or the repo."""
+    """A local JSON or JSONL file, or a file of a hub dataset repo, downloaded once:
+    "owner/name:path/in/repo.jsonl" names the file; "owner/name" alone takes quotes.jsonl, or
+    the repo's one .jsonl or .json file. Raises ValueError for a folder, FileNotFoundError naming
+    the file or the repo."""
     path = Path(source).expanduser()
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, expected a JSONL file")
     if path.exists():
         return path
-    if path.suffix in (".jsonl", ".json", ".txt") or looks_like_path(source):
+    repo, _, filename = str(source).partition(":")
+    if (path.suffix in (".jsonl", ".json", ".txt") and not filename) or looks_like_path(repo):
         raise FileNotFoundError(f"{path}: no such file")
     offline = not hub_reachable()  # then only the hub cache is looked at, at once
     try:
         with quiet_hub():
-            return Path(huggingface_hub.hf_hub_download(
-                repo_id=source, filename="quotes.jsonl", repo_type="dataset",
-                local_files_only=offline))
+            return _hub_data_file(repo, filename, offline)
     except Exception as err:  # offline, unknown repo, bad repo name, HTTP errors: all end the same
         reason = ("cannot reach the hub, nor is it in the hub cache" if offline
                   else f"{type(err).__name__}: {str(err).strip()}".splitlines()[0])
         raise FileNotFoundError(
-            f"{source}: no such file, and could not download quotes.jsonl of the dataset "
-            f"{source!r} from the Hugging Face hub ({reason}); pass a local JSONL file with "
-            "--data") from err
+            f"{source}: no such file, and could not download {filename or 'quotes.jsonl'} of "
+            f"the dataset {repo!r} from the Hugging Face hub ({reason}); pass a local JSONL "
+            "file with --data") from err
+
+
+def _hub_data_file(repo, filename, offline):
+    download = functools.partial(huggingface_hub.hf_hub_download, repo_id=repo,
+                                 repo_type="dataset", local_files_only=offline)
+    if filename:
+        return Path(download(filename=filename))
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        return Path(download(filename="quotes.jsonl"))
+    except LocalEntryNotFoundError:  # offline and not in the cache: nothing to list either
+        raise
+    except EntryNotFoundError:  # another dataset: its one data file
+        files = [f for f in huggingface_hub.list_repo_files(repo, repo_type="dataset")
+                 if f.endswith((".jsonl", ".json"))]
+        if len(files) != 1:
+            raise ValueError(f"the repo has {len(files)} JSON/JSONL files, name one as "
+                             f"{repo}:FILE ({', '.join(files[:5])})") from None
+        return Path(download(filename=files[0]))
 
 
 # ----------------------------------------------------------------------------- is the hub there

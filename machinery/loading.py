@@ -7,6 +7,7 @@ from pathlib import Path
 from data import QuoteTokenizer
 from llama import DEFAULT_MODEL, Llama
 from machinery import adapters
+from machinery.checkpoint import run_beside
 from machinery.cli import DEFAULT_OUT, set_attention
 
 
@@ -22,6 +23,13 @@ def pick(args):
         return DEFAULT_OUT
     print("no adapter given and none in out/: sampling the base model", file=sys.stderr)
     return None
+
+
+def trained_format(adapter):
+    """The --format an adapter was trained on, from run.json beside it; "quotes" without one
+    (a PEFT folder, an adapter file of its own, no adapter)."""
+    run = run_beside(adapter)[1] if adapter else {}
+    return run.get("format") or "quotes"
 
 
 def is_peft_folder(path):

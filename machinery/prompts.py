@@ -45,7 +45,7 @@ def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=g
     completions = [None] * len(ids)
     batches = range(0, len(order), args.batch_size)
     if len(batches) > 1:
-        batches = progress(batches, "writing tags (batches)")
+        batches = progress(batches, "generating (batches)")
     for start in batches:
         chunk = order[start:start + args.batch_size]
         with autocast(device, dtype):
@@ -55,11 +55,11 @@ def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=g
     return completions
 
 
-def print_completions(prompts, completions, jsonl):
-    """prompt + completion a line, or {"prompt", "completion"} a line with --jsonl."""
+def print_completions(prompts, completions, jsonl, between=""):
+    """prompt + between + completion a line, or {"prompt", "completion"} a line with --jsonl."""
     for prompt, completion in zip(prompts, completions):
         row = {"prompt": prompt, "completion": completion}
-        print(json.dumps(row) if jsonl else prompt + completion)
+        print(json.dumps(row) if jsonl else prompt + between + completion)
 
 
 def print_sweep(prompts, by_alpha, jsonl):

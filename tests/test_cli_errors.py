@@ -75,8 +75,8 @@ def bad_inputs(tmp_path, model_dir, quotes):
     """
     bad_line = tmp_path / "bad_line.jsonl"
     bad_line.write_text(quotes.read_text().splitlines()[0] + "\n\n{\"quote\": \"x\", tags: []}\n")
-    array = tmp_path / "array.json"
-    array.write_text(json.dumps([json.loads(line) for line in quotes.read_text().splitlines()]))
+    array = tmp_path / "array.json"  # a JSON array is read, but not one of numbers
+    array.write_text(json.dumps([1, 2, 3]))
     csv = tmp_path / "quotes.csv"  # the dataset as a spreadsheet would save it
     csv.write_text('quote,author,tags\n"Be yourself.",Oscar Wilde,"honesty,life"\n')
     one_object = tmp_path / "one.json"  # a row pretty-printed over several lines
@@ -89,7 +89,8 @@ def bad_inputs(tmp_path, model_dir, quotes):
         "data_line_not_json": (model_dir, bad_line,
                                f"{bad_line}:3: not valid JSON (Expecting property name "
                                "enclosed in double quotes at column 16)"),
-        "data_json_array": (model_dir, array, f"{array}: is a JSON array; {EXPECTED_FORMAT}"),
+        "data_json_array": (model_dir, array, f"{array}:1: a JSON int, no shape of row this "
+                                              f"reads; {EXPECTED_FORMAT}"),
         "data_csv": (model_dir, csv, f"{csv}:1: not valid JSON (Expecting value at column 1); "
                                      f"{EXPECTED_FORMAT}"),
         "data_pretty_json": (model_dir, one_object,

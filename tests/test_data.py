@@ -221,7 +221,8 @@ def test_load_dataset_reads_tokenizes_and_splits_with_counts(tmp_path):
     rows = [good_row(f"quote number {i}", ["books"]) for i in range(20)] + [good_row("no tags", [])]
     rows.append(good_row("So many books, so little time. " * 20, ["books"]))  # far over max_len 40
     train, val, tokenizer, info = load_dataset(folder, str(write_jsonl(tmp_path / "q.jsonl", rows)), max_len=40)
-    assert info == {"rows": 21, "skipped": {"empty tags": 1}, "truncated": 1, "dropped": 0, "train": 19, "val": 2}
+    assert info == {"rows": 21, "skipped": {"empty tags": 1}, "truncated": 1, "dropped": 0, "train": 19, "val": 2,
+                    "format": "quotes"}
     assert (len(train), len(val)) == (19, 2)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)  # tiny.py's <|begin_of_text|>, <|eot_id|>
     assert max(len(s["input_tokens"]) for s in train + val) == 40

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from machinery import device as devices
 import eval as eval_py
 import export.cli as export_cli
 import lora
@@ -20,8 +19,10 @@ import sample
 import train
 from export.peft import export_peft
 from llama import Llama
-from tiny_run import hashes, train_args
 from machinery import adapters, loading
+from machinery import device as devices
+from machinery.data_files import EXPECTED_FORMAT
+from tiny_run import hashes, train_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,8 +48,8 @@ def bad_data(folder, quotes):
     """{case: (file, expected message)} of data files train.py refuses."""
     good = quotes.read_text().splitlines()
     files = {
-        "empty": ("empty.jsonl", b"", "{}: empty file; expected a JSONL file, one object a line "
-                  'like {{"quote": "Be yourself.", "tags": ["honesty", "life"]}}'),
+        "empty": ("empty.jsonl", b"", "{}: empty file; " + EXPECTED_FORMAT.replace("{", "{{")
+                  .replace("}", "}}")),
         "not_utf8": ("latin1.jsonl", good[0].encode() + b'\n{"quote": "caf\xe9", "tags": ["a"]}\n',
                      "{}:2: not valid UTF-8 (invalid continuation byte at byte 14)"),
         "nothing_usable": ("only_empty_tags.jsonl",

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from machinery import data_files, hub
-from machinery.data_files import describe_skips, read_quotes
+from machinery.data_files import EXPECTED_FORMAT, describe_skips, read_quotes, read_rows
 from tiny_run import good_row, write_jsonl
 
 
@@ -69,14 +69,19 @@ def test_line_nested_too_deep_to_parse_is_reported_as_not_json(tmp_path):
 ONE_ROW = '{"quote": "Be yourself.", "tags": ["honesty", "life"]}'
 
 
-def test_json_array_file_says_jsonl_is_expected(tmp_path):
+def test_a_json_array_of_rows_reads_as_its_jsonl_does_each_row_named_by_its_first_line(tmp_path):
+    """alpaca_data.json's shape: one JSON array. Oracle: the same rows written as JSONL, and the
+    line each element starts on, counted in the text json.dumps wrote."""
+    rows = [good_row(), {"quote": "No tags.", "tags": []}, good_row()]
+    jsonl = write_jsonl(tmp_path / "q.jsonl", rows)
     path = tmp_path / "q.json"
-    for text in [json.dumps([good_row(), good_row()], indent=2), json.dumps([good_row()])]:
+    for text in [json.dumps(rows, indent=2), json.dumps(rows)]:
         path.write_text(text)
-        with pytest.raises(ValueError) as error:
-            read_quotes(str(path))
-        assert str(error.value) == (f"{path}: is a JSON array; expected a JSONL file, one object "
-                                    f"a line like {ONE_ROW}")
+        assert read_quotes(str(path)) == read_quotes(str(jsonl))
+        starts = [i + 1 for i, line in enumerate(text.splitlines())
+                  if line.strip().startswith('{"quote"') or line == "  {"]
+        lines = [n for n, _ in read_rows(str(path))[2]]
+        assert lines == ([starts[0], starts[2]] if "\n" in text else [1, 1])
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -96,8 +101,8 @@ def test_a_file_in_another_shape_says_what_shape_is_expected_in_one_line(tmp_pat
     path.write_text(text)
     with pytest.raises(ValueError) as error:
         read_quotes(str(path))
-    assert str(error.value) == (f"{path}:1: not valid JSON ({reason}); expected a JSONL file, "
-                                f"one object a line like {ONE_ROW}")
+    assert str(error.value) == f"{path}:1: not valid JSON ({reason}); {EXPECTED_FORMAT}"
+    assert ONE_ROW in EXPECTED_FORMAT
     path.write_text(ONE_ROW + "\n")
     assert read_quotes(str(path)) == ([("Be yourself.", ["honesty", "life"])], {})
 

@@ -317,7 +317,7 @@ def test_python_lora_py_shows_each_claim_on_a_toy_model_and_checks_it():
     done = run_script(["lora.py"])
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "4,810" in out and "808 trainable" in out
+    assert "4,810 numbers" in out and "808 trainable" in out
     assert "exactly: True" in out
     assert "every A and B moved (True), W and the biases stayed (True)" in out
     assert float(re.search(r"max difference ([0-9.e+-]+)", out).group(1)) < 1e-5
