@@ -120,7 +120,8 @@ def sample_of_chat(ids: list[int], supervised: list[int]) -> dict:
     1 where ids[i] is a target: each assistant turn and its end-of-turn token). A chat has several
     such spans, so the sample carries its mask, per position of input_tokens; sep_token_index is
     where the last assistant turn starts: input_tokens[:sep_token_index + 1] prompts for it."""
-    last_turn = max(i for i, s in enumerate(supervised) if s and not supervised[i - 1])
+    starts = [i for i, s in enumerate(supervised) if s and (i == 0 or not supervised[i - 1])]
+    last_turn = starts[-1]
     return {"input_tokens": ids[:-1], "output_tokens": ids[1:],
             "sep_token_index": last_turn - 1, "supervised": supervised[1:]}
 

@@ -17,7 +17,6 @@ base, the trained alpha is the adapter, and past it the update is scaled up, whi
 write-up calls the "concussion" (the model forgets how to write). Each alpha gives a line on
 stderr; the JSON holds them all, and --plot draws loss and F1 against alpha.
 """
-import json
 import re
 import sys
 import time
@@ -25,8 +24,8 @@ import time
 import data
 import lora
 from llama import generate
-from machinery import adapters, cli, command, data_files, loading, plots, prompts
-from machinery.checkpoint import say_which_split
+from machinery import adapters, cli, command, data_files, json_out, loading, plots, prompts
+from machinery.checkpoint import runs_held_out, say_which_split
 from machinery.device import device_and_dtype
 
 
@@ -93,12 +92,17 @@ def evaluate(args):
     adapter, read = None if args.no_adapter else args.adapter, adapters.read
     if loading.is_peft_folder(adapter):  # PEFT's format is a chapter, imported for its folders
         from export.peft import read_peft as read
-    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "eval.py", read)
+    load = None
+    if loading.base_quantize(args, adapter, "eval.py"):  # --quantize, or as the adapter learned
+        from qlora.load import load_base as load  # a 4-bit base: the qlora chapter
+    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "eval.py", read,
+                                                  load)
     if args.kernels:
         from speed import kernels  # the speed chapter, imported only when asked for
         kernels.use(model)
-    _, val, _, info = data_files.load_dataset(model.model_dir, args.data, args.max_len,
-                                              args.val_fraction, args.seed, args.format)
+    train, val, _, info = data_files.load_dataset(model.model_dir, args.data, args.max_len,
+                                                  args.val_fraction, args.seed, args.format)
+    val = runs_held_out(args, train + val, val, info)  # the file changed since: the run's own
     args.format = info["format"]
     if not val:
         raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
@@ -162,7 +166,8 @@ def main(argv=None):
     if status is not None:
         return status
     adapter = None if args.no_adapter else args.adapter
-    print(json.dumps({"adapter": adapter, **result}), flush=True)
+    # strict JSON: a loss that overflowed is null, with val_loss_reason beside it
+    print(json_out.dumps({"adapter": adapter, **result}), flush=True)
     if args.plot:  # after the JSON: a plot that fails (a full disk) loses no score
         try:
             path = plots.plot_sweep(result["sweep"], result["trained_alpha"], args.plot,

@@ -106,7 +106,8 @@ class LoraModule(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
         z = F.linear(F.linear(x, A), B)  # B (A x): (..., in) -> (..., r) -> (..., out)
-        return torch.add(y, z.to(y.dtype), alpha=self.alpha)  # y + alpha * z in one pass over y
+        # y + alpha * z, in one pass over y (torch.add's own alpha= is a multiplier of z)
+        return torch.add(y, z.to(y.dtype), alpha=self.alpha)
 
     def set_alpha(self, new_alpha):
         self.alpha = check_alpha(new_alpha)

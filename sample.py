@@ -120,7 +120,11 @@ def write(args):
     adapter, read = loading.pick(args), adapters.read  # --adapter, else out/ if train.py wrote it
     if loading.is_peft_folder(adapter):  # PEFT's format is a chapter, imported for its folders
         from export.peft import read_peft as read
-    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "sample.py", read)
+    load = None
+    if loading.base_quantize(args, adapter, "sample.py"):  # --quantize, or as the adapter learned
+        from qlora.load import load_base as load  # a 4-bit base: the qlora chapter
+    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "sample.py", read,
+                                                  load)
     if args.kernels:
         from speed import kernels  # the speed chapter, imported only when asked for
         kernels.use(model)
@@ -131,8 +135,10 @@ def write(args):
     if args.alpha_sweep:
         return texts, sweep(model, tokenizer, ids, args, device, dtype), form
     # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
-    # costs the base model's products, not two more small ones (and casts) per Linear.
-    lora.merge_lora(model)
+    # costs the base model's products, not two more small ones (and casts) per Linear. Not into
+    # a 4-bit W (--quantize): W + alpha * B A is no NF4 matrix, rounding it again would change it.
+    if not getattr(model, "quantize", None):
+        lora.merge_lora(model)
     return texts, complete_prompts(model, tokenizer, ids, args, device, dtype), form
 
 

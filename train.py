@@ -97,7 +97,11 @@ def train(args):
     if run.nothing_left:  # --resume of a run already at its end: said, nothing written
         return 0
 
-    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # frozen, compute dtype
+    if args.quantize:  # QLoRA: the frozen Linear weights in 4 bits, read tensor by tensor
+        from qlora.load import load_base  # the chapter, imported only when asked for
+        model = load_base(args.model, args.quantize, dtype, device, "train.py")
+    else:
+        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # compute dtype
     train_set, val_set, tokenizer, info = data_files.training_split(model.model_dir, args)
     torch.manual_seed(args.seed)  # the random A and B
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init,
@@ -163,7 +167,7 @@ def train(args):
             last = run.should_stop(step)  # --max-steps, or Ctrl-C or SIGTERM on any process
             if i + 1 == steps_per_epoch:  # the epoch's end: validate, keep the best, checkpoint
                 is_best = False
-                if master:
+                if master and run.validates:  # no validation quote: the last adapter is kept
                     val = data.validation_loss(raw_model, val_set, val_rows, pad_id, device,
                                                dtype)
                     is_best = best is None or val < best["val_loss"]

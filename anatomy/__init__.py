@@ -27,7 +27,6 @@ directions it takes the root mean square, ||W||_F k / sqrt(out in) for k directi
 Table 7's W_q (12,288 x 12,288) at k = 4, the paper's 0.02.
 """
 import argparse
-import json
 import math
 import re
 import statistics
@@ -36,6 +35,7 @@ import sys
 import torch
 
 import lora
+from machinery import json_out
 from machinery.loading import model_with_adapter
 from machinery.cli import DEFAULT_OUT, HelpFormatter
 from machinery.plots import can_plot, plot_path_problem, pyplot, save_figure
@@ -206,7 +206,8 @@ def main(argv=None):
         return 2
     title = f"{args.adapter}: r={rows[0]['r']}, alpha {rows[0]['alpha']:g}"
     if args.json:
-        print(json.dumps({"adapter": args.adapter, "modules": rows, "median": summary(rows)}))
+        print(json_out.dumps({"adapter": args.adapter, "modules": rows,
+                              "median": summary(rows)}))
     else:
         print(f"{title}, {len(rows)} adapted modules")
         print(table(rows))

@@ -9,13 +9,13 @@ speed; `ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.matmul_speed` shows the same on 
 them, by forbidding oneDNN to use them.
 """
 import argparse
-import json
 import os
 import statistics
 import time
 import torch
 
 from bench.measure import sync
+from machinery import json_out
 from machinery.cli import HelpFormatter, positive
 from machinery.device import pick_device
 
@@ -72,7 +72,7 @@ def main(argv=None):
         result[name] = gflops(device, getattr(torch, name), args.m, args.k, args.n, args.reps)
         print(f"{name:9} {result[name]:10.3g} GFLOP/s", flush=True)
     if args.json:
-        print(json.dumps(result))
+        print(json_out.dumps(result))
 
 
 if __name__ == "__main__":

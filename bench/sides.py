@@ -34,17 +34,23 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class Ours:
     """Our Llama with LoRA, trained as train.py trains it (logits only where the loss is):
     "plain" as train.py's default, autograd differentiating llama.py's formulas; "kernels" as
-    train.py --kernels."""
+    train.py --kernels; "nf4" and "nf4-dq" as train.py --quantize (plain, on the 4-bit base of
+    the qlora chapter)."""
 
-    def __init__(self, args, device, dtype, plain=True):
-        self.name, self.plain = ("plain" if plain else "kernels"), plain
-        self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+    def __init__(self, args, device, dtype, plain=True, quantize=None):
+        self.name, self.plain = quantize or ("plain" if plain else "kernels"), plain
+        self.quantize = quantize
+        if quantize:
+            from qlora.load import from_pretrained
+            self.model = from_pretrained(args.model, quantize, dtype=dtype, device=device)
+        else:
+            self.model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         torch.manual_seed(args.seed)
         lora.add_lora(self.model, r=args.r, alpha=args.alpha, init="random",
                       targets=args.target_list)
         if not plain:  # compiled layers fuse the elementwise work their own way: no rebuilding
             kernels.use(self.model, rebuild=not args.compile)
-        self.model.recompute = args.recompute and not plain
+        self.model.recompute = args.recompute
         if args.compile and not plain:
             # one compiled graph serves every layer: same code
             for layer in self.model.model.layers:
@@ -65,7 +71,8 @@ class Ours:
         """sample.py's path: the adapter merged into the weights, in place, once training is
         over (a copy would hold a second model: past 24 GB for float32 1B models)."""
         if not self.merged:
-            lora.merge_lora(self.model)
+            if not self.quantize:  # sample.py merges, except into a 4-bit base
+                lora.merge_lora(self.model)
             self.model.eval()
             self.merged = True
         run = generate if self.plain else generate_packed  # sample.py's, and with --kernels

@@ -20,7 +20,8 @@ import torch
 
 import lora
 from machinery import adapters
-from machinery.checkpoint import check_out_dir, run_beside
+from machinery.checkpoint import (WriteFailed, check_out_dir, lock_out, release_out_locks,
+                                  remove_stale_temps, run_beside)
 from machinery.cli import HelpFormatter, positive
 from data import QuoteTokenizer
 from export.check import agreement, greedy_completions, held_out_prompts
@@ -51,6 +52,10 @@ def parse_args(argv=None):
         f"(default: {DEFAULT_DTYPE}, the one that keeps the update)")
     add("--type", choices=TYPES, help="gguf, lora-gguf: the weights' GGML type "
         f"(default: f32; lora-gguf: {', '.join(LORA_TYPES)})")
+    add("--base", choices=["dequantized", "original"], default="dequantized", help="an adapter "
+        "trained on a 4-bit base (train.py --quantize): merge into the base it learned against, "
+        "W rebuilt from its NF4 codes (dequantized, docs/qlora.md measures why), or into the "
+        "stored weights (original); other adapters: the stored weights")
     add("--data", help="quotes JSONL file: compare the export's greedy tags with the "
         "adapter's on held-out quotes (the adapter's run.json gives the split)")
     add("--check", type=positive(int), default=None,
@@ -86,6 +91,12 @@ def load_model(args):
         raise ValueError(f"{args.adapter} does not record its base model; pass --model")
     # Merge in float32 whatever the base's dtype: the exports round once, into their own type.
     model = Llama.from_pretrained(base, dtype=torch.float32)
+    quantize = meta.get("base_quantize", "none")
+    if quantize != "none" and args.base == "dequantized":
+        from qlora.load import dequantize_base  # the qlora chapter, for its adapters only
+        dequantize_base(model, quantize)
+        print(f"merging into the base the adapter learned against: its {quantize} weights, "
+              "dequantized (--base original: the stored ones)", file=sys.stderr)
     adapters.load(model, (tensors, meta))
     return model
 
@@ -136,8 +147,11 @@ def check(model, path, args, prompts):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    written = False  # for Ctrl-C's line
     try:
         check_out_dir(args.out)  # before loading a 1B model, not after
+        lock_out(args.out, "python -m export")  # one export at a time into --out
+        remove_stale_temps(args.out, "python -m export")  # what a killed export left beside it
         if args.format == "peft":
             export_peft(args.adapter, args.out, base_model=args.model)
             print(f"wrote {args.out}")
@@ -148,10 +162,19 @@ def main(argv=None):
             run = run_beside(args.adapter)[1] if args.adapter else {}
             prompts = held_out_prompts(model.model_dir, args.data, args.check or CHECK, run)
         path = write(model, args)
+        written = True
         print(f"wrote {args.out}")
         check(model, path, args, prompts)
+    except KeyboardInterrupt:  # write_atomic has removed its temp folder
+        print(f"python -m export: interrupted; {args.out} "
+              + ("is written whole" if written else "was not written"), file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        parser.exit(2, f"python -m export: error: {' '.join(str(e).split())}\n")
+        # a full disk is a failure (exit 1), not bad input
+        parser.exit(1 if isinstance(e, WriteFailed) else 2,
+                    f"python -m export: error: {' '.join(str(e).split())}\n")
+    finally:
+        release_out_locks()
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import lora
-from machinery import adapters
+from machinery import adapters, json_out
 from machinery.checkpoint import run_beside
 from machinery.cli import positive
 from data import QuoteTokenizer
@@ -77,13 +77,14 @@ def llamacpp(python, gguf, prompts, lora_gguf=None, threads=1, kv_cache="f16"):
     command = [python, str(WORKER), str(gguf), "--threads", str(threads), "--kv-cache", kv_cache]
     if lora_gguf:
         command += ["--lora", str(lora_gguf)]
-    job = json.dumps({"prompts": prompts, "max_new_tokens": 32})
+    job = json_out.dumps({"prompts": prompts, "max_new_tokens": 32})
     crashed = None
     for again in ([], ["--no-repack"]):
         done = subprocess.run(command + again, input=job, capture_output=True, text=True,
                               timeout=3600)
         if done.returncode == 0:
-            rows = [json.loads(line) for line in done.stdout.splitlines()]
+            # a row a \n: str.splitlines would also cut at a U+2028 in a completion's text
+            rows = [json.loads(line) for line in done.stdout.split("\n") if line.strip()]
             note = f"{crashed}; run again with --no-repack" if crashed else None
             return [{**r, "note": note} for r in rows], None
         if done.returncode > 0:  # an error, not a crash: --no-repack would not help
@@ -136,7 +137,8 @@ def main(argv=None):
         results = check(args, work)
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        Path(args.json).write_text(json_out.dumps(results, indent=1, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
     return 0
 
 

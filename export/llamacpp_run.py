@@ -66,7 +66,7 @@ def main(argv=None):
                                     repeat_penalty=1.0)
         row = {"prompt": prompt, "tokens": tokens, "completion_ids": ids,
                "completion": out["choices"][0]["text"]}
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, allow_nan=False), flush=True)  # strict JSON: ids and text only
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora
+from machinery import json_out
 from machinery.checkpoint import write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,7 +96,7 @@ def export_merged(model, out_dir, dtype=DEFAULT_DTYPE):
 
     def write(tmp):
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json_out.dumps(config, indent=2) + "\n")
         for f in model_dir.iterdir():  # tokenizer, generation config, license go with the weights
             if f.is_file() and not WEIGHT_FILES.fullmatch(f.name):
                 shutil.copy(f, tmp / f.name)

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import lora
-from machinery import adapters
+from machinery import adapters, json_out
 from machinery.checkpoint import write_atomic
 
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
@@ -146,6 +146,6 @@ def export_peft(source, out_dir, base_model=None):
         peft[f"base_model.model.{name}.lora_{'AB'[int(i)]}.weight"] = t.to("cpu").contiguous()
 
     def write(tmp):
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "adapter_config.json").write_text(json_out.dumps(config, indent=2) + "\n")
         save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return write_atomic(out_dir, write, folder=True)

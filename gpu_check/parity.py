@@ -14,13 +14,13 @@ transformers' own, or 8 eps: rounding in DTYPE is no worse here than there. A la
 the numbers as JSON ("ours", "ours_kernels").
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 import data
+from machinery import json_out
 from machinery.cli import positive
 from machinery.data_files import read_quotes
 from machinery.device import autocast, pick_device
@@ -100,9 +100,9 @@ def main(argv=None):
         print(f"| {name} in {args.dtype} | {r['error_eps']:.2f} | {r['same_top_token']:.1%} |")
     print(f"parity {args.dtype}: {'ok' if ok else 'FAILED'} (ours within twice transformers' "
           "error, or 8 eps)")
-    print(json.dumps({"model": Path(model_dir).name, "device": device, "dtype": args.dtype,
-                      "positions": tokens, "transformers": theirs, "ours": ours,
-                      "ours_kernels": rows["ours --kernels"], "ok": ok}))
+    print(json_out.dumps({"model": Path(model_dir).name, "device": device, "dtype": args.dtype,
+                          "positions": tokens, "transformers": theirs, "ours": ours,
+                          "ours_kernels": rows["ours --kernels"], "ok": ok}))
     return 0 if ok else 1
 
 

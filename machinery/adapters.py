@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 import lora
 from lora import LoraModule
+from machinery import json_out
 
 ADAPTER_FILE = "adapter.safetensors"  # what train.py writes into its --out folder
 FORMAT = "lora-from-scratch"  # safetensors metadata tag that tells our adapters from other files
@@ -61,9 +62,11 @@ def save(model, path, base_model: str, **metadata):
     adapter_of_model(model)  # one r and one alpha
     path = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # beside it: os.replace is atomic there
+    # the base it learned against: in the compute dtype, or in NF4 (qlora/load.py sets it)
+    metadata.setdefault("base_quantize", getattr(model, "quantize", None) or "none")
     try:
         lora.save_adapter(model, tmp, format=FORMAT, base_model=base_model,
-                          base_config=json.dumps(fingerprint(model)), **metadata)
+                          base_config=json_out.dumps(fingerprint(model)), **metadata)
         os.chmod(tmp, 0o644)  # safetensors makes its files private
         os.replace(tmp, path)
     finally:
@@ -72,6 +75,18 @@ def save(model, path, base_model: str, **metadata):
 
 
 # ----------------------------------------------------------------------------- reading
+
+def read_metadata(path):
+    """The safetensors metadata of an adapter file (or of a folder's adapter.safetensors), {}
+    when there is none to read: read() below says what is wrong with such a path."""
+    path = Path(path)
+    path = path / ADAPTER_FILE if path.is_dir() else path
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+
 
 def read(path):
     """(tensors, metadata) of an adapter file, or of a folder holding adapter.safetensors.

@@ -1,11 +1,13 @@
 """What a training run leaves in its --out folder, as plain functions train.py calls.
 
     out/run.json                the settings (RUN_FLAGS and KEPT_FLAGS); --resume takes them
-                                from here
+                                from here; data_fingerprint: the data as read (counts, hashes
+                                of the samples), which --resume and eval.py compare
     out/checkpoint.pt           the last adapter, AdamW moments, position in the data, RNG states,
                                 float16's loss scale, the best validation loss: resume bit for bit
     out/adapter.safetensors     the adapter of the best validation loss so far (before the first
-                                validation: the last one): what sample.py and eval.py load
+                                validation, or with no quote held out: the last one): what
+                                sample.py and eval.py load
     out/adapter-last.safetensors   the adapter of the last checkpoint
     out/metrics.jsonl           one JSON object per step and per validation
     out/loss.png                with --plot: the curves of metrics.jsonl, the best epoch marked
@@ -13,13 +15,19 @@
 Every file but the metrics log is written whole or not at all (write_atomic), so a crash or a kill
 mid-write never destroys the previous checkpoint; the log is appended a line at a time, and a line
 cut by a kill is dropped on --resume. No run deletes another: --overwrite moves the old one aside.
+One run writes into a folder at a time: it holds an flock of .out.lock beside it (lock_out), which
+the OS lets go when the run dies. A full disk is one line naming the file (WriteFailed), exit 1.
 
     python -m machinery plot out    loss.png for a run, finished or not
 """
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -31,8 +39,9 @@ import torch
 
 import lora
 from machinery import adapters, plots
-from machinery.data_files import DEFAULT_DATASET, SPLIT, describe_skips
+from machinery.data_files import DEFAULT_DATASET, SPLIT, describe_skips, sample_hash
 from machinery.device import dtype_choice, pick_device
+from machinery.json_out import dumps
 from machinery.progress import Clock, say
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,7 +49,7 @@ LAST_ADAPTER = "adapter-last.safetensors"
 # Flags that define a run: --resume takes them from run.json, and refuses one given otherwise.
 RUN_FLAGS = ("model", "data", "r", "alpha", "alpha_schedule", "batch_size", "lr", "targets",
              "init", "loss", "dtype", "seed", "val_fraction", "max_len", "format",
-             "train_on_input")
+             "train_on_input", "quantize")
 # Flags that leave each step's arithmetic as it is: how far to train, and into how many pieces a
 # batch is cut to save memory (--grad-accum: the same gradient, summed in another order). --resume
 # keeps the run's unless given again, so a run that ran out of memory goes on with more pieces.
@@ -66,8 +75,14 @@ def write_atomic(path, write, folder=False):
         fd, tmp = tempfile.mkstemp(**names)
         os.close(fd)
         tmp = Path(tmp)
+    existed = path.exists()
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # a full disk: one line, not torch's "unexpected pos 204672 ..."
+            raise_if_disk_full(path, e, "the one written before is kept whole" if existed
+                               else "nothing was left in its place")
+            raise
         # mkstemp, mkdtemp and safetensors make what they create private to us (0600, 0700).
         for p in [tmp, *tmp.rglob("*")] if folder else [tmp]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
@@ -80,10 +95,130 @@ def write_atomic(path, write, folder=False):
     return path
 
 
+# The errors of a write that the disk refused: full, a file-size limit, a quota, the device.
+DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
+
+
+class WriteFailed(OSError):
+    """A file the disk refused to hold: the run failed (exit 1), its input was fine."""
+
+
+def raise_if_disk_full(path, error, kept):
+    """WriteFailed naming `path`, the cause and what is `kept`, when `error` (or an error under
+    it) is one of DISK_ERRORS; else nothing (the caller raises `error` as it is). torch.save says
+    "unexpected pos 204672 vs 204560" over the OSError of the write that failed; safetensors says
+    "(os error 28)" in its message."""
+    cause, seen = error, 0
+    while cause is not None and seen < 20:
+        number = cause.errno if isinstance(cause, OSError) else None
+        if number is None and (found := re.search(r"\(os error (\d+)\)", str(cause))):
+            number = int(found.group(1))
+        if number in DISK_ERRORS:
+            why = os.strerror(number)
+            raise WriteFailed(f"{path}: not written, {why[0].lower()}{why[1:]} (errno {number}); "
+                              f"{kept}") from None
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+
+
 def check_out_dir(out_dir):
     out_dir = Path(out_dir)
+    check_out_path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite it")
+
+
+def check_out_path(out):
+    """Refuse an --out that cannot become a folder, naming it and what is wrong: a symbolic link
+    to nothing, or a path under a file. Checked before a model loads, not at the first write."""
+    out = Path(out)
+    for path in [out, *out.parents]:
+        if os.path.islink(path) and not path.exists():
+            what = "" if path == out else f"{path} is "
+            raise NotADirectoryError(f"--out {out}: {what}a symbolic link to "
+                                     f"{os.readlink(path)}, which does not exist")
+        if path.exists():
+            if path != out and not path.is_dir():
+                raise NotADirectoryError(f"--out {out}: {path} is a file, not a folder")
+            return
+
+
+# ----------------------------------------------------------------------------- one writer at a time
+
+_held = []  # the locks this process holds: (descriptor, lock file, folders made for it)
+
+
+def lock_out(out, prog):
+    """Hold --out for this process alone until release_out_locks(), so that a second train.py
+    (or export) into the same folder is refused while the first writes. The lock is an flock of
+    .NAME.lock beside `out` (in its parent: --overwrite moves `out` aside, the lock stays), which
+    the OS drops when the process dies however it dies: a killed run leaves nothing stuck.
+    BlockingIOError naming the holder's command and pid when another process holds it."""
+    real = Path(os.path.realpath(out))  # two names for one folder are one lock
+    name = real.name if len(real.name) < 240 else hashlib.sha256(real.name.encode()).hexdigest()
+    lock = real.parent / f".{name}.lock"
+    made = [p for p in [real.parent, *real.parent.parents] if not p.exists()]
+    while True:
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            release_made(made)
+            raise OSError(f"--out {out}: cannot create its lock file {lock}: "
+                          f"{e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            release_made(made)
+            raise BlockingIOError(f"--out {out}: {holder} is writing into it; wait for it to "
+                                  "end, or pass another --out") from None
+        try:  # the holder before us may have removed the file we locked: lock the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{prog} (pid {os.getpid()})".encode())
+    _held.append((fd, lock, made))
+
+
+def release_out_locks():
+    """Let go of every --out this process holds (command.py calls it as a script ends): the lock
+    file is removed while still locked, then closed, and the folders made for it if empty."""
+    while _held:
+        fd, lock, made = _held.pop()
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+        release_made(made)
+
+
+def release_made(folders):
+    for folder in folders:  # the deepest first; one still in use keeps those above it
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def remove_stale_temps(out, prog):
+    """With the lock of `out` held: remove the temp folders of earlier writers into it that were
+    killed mid-write (write_atomic's .NAME.XXXXXXXX.tmp beside it, which no live writer can own
+    now), saying so in one line each."""
+    out = Path(out)
+    temp = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkdtemp's 8 letters
+    for tmp in sorted(p for p in out.parent.iterdir() if temp.fullmatch(p.name)):
+        if tmp.is_dir() and not tmp.is_symlink():
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            shutil.rmtree(tmp)
+            size = f"{size} bytes" if size < 10**6 else f"{size / 10**6:.0f} MB"
+            print(f"{prog}: removed {tmp} ({size}), the temp folder of an export into {out} "
+                  "that was killed", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the --out folder
@@ -163,6 +298,7 @@ def check_out(args):
     """Refuse to mix two runs in one folder, or to --resume where there is nothing to resume.
     Only reads, so every rank can ask (and all refuse together), before minutes of loading."""
     out = Path(args.out)
+    check_out_path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file, expected a folder "
                                  "(new, empty, or holding a run)")
@@ -172,6 +308,21 @@ def check_out(args):
         raise FileExistsError(f"--out {out} already holds a run; pass --resume to continue it, "
                               "--overwrite to start over (the old one is kept aside), "
                               "or another --out")
+
+
+def check_same_data(args, info):
+    """--resume goes on with the samples the run trained on: a file that changed under the same
+    name (rows appended, edited, removed) gives other batches and another split, silently."""
+    was = read_run(args.out).get("data_fingerprint") if args.resume else None
+    now = info.get("fingerprint")
+    if not was or not now or (was["train_sha256"], was["held_out"]) == (now["train_sha256"],
+                                                                        now["held_out"]):
+        return  # a run.json from before fingerprints: not checked
+    what = "quotes" if info["format"] == "quotes" else "samples"
+    raise ValueError(f"--resume: {args.data} is not the data the run in {args.out} was trained "
+                     f"on: {now['train']} train / {now['val']} val {what} now, {was['train']} / "
+                     f"{was['val']} then (rows added, changed or removed); pass the file as it "
+                     "was, or start over with --overwrite")
 
 
 def check_compute_dtype(args):
@@ -215,14 +366,20 @@ def prepare_out(args):
         for tmp in [*out.glob(".*.tmp"), *out.glob(".tmp*")]:
             tmp.unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()):
-        aside = next(out.with_name(f"{out.name}.old{i}") for i in range(1, 10**6)
-                     if not out.with_name(f"{out.name}.old{i}").exists())
-        out.rename(aside)
-        print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
+        # --out a symbolic link: the link stays, its target's folder is moved aside
+        real = Path(os.path.realpath(out)) if out.is_symlink() else out
+        aside = next(real.with_name(f"{real.name}.old{i}") for i in range(1, 10**6)
+                     if not real.with_name(f"{real.name}.old{i}").exists())
+        real.rename(aside)
+        real.mkdir()
+        link = f" (a link to {real})" if out.is_symlink() else ""
+        print(f"moved the previous run in {out}{link} to {aside}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     run = {k: getattr(args, k) for k in RUN_FLAGS + KEPT_FLAGS}
     run["compute_dtype"] = args.compute_dtype  # what --dtype auto chose on this machine
-    text = json.dumps(run, indent=1)
+    if getattr(args, "data_fingerprint", None):  # --resume and eval.py compare it
+        run["data_fingerprint"] = args.data_fingerprint
+    text = dumps(run, indent=1)
     write_atomic(out / "run.json", lambda tmp: tmp.write_bytes(text.encode()))
 
 
@@ -243,10 +400,28 @@ def save(out, model, optimizer, scaler, position, base_model, best_too=False):
             "rng": rng, **position}
     if scaler.is_enabled():  # its scale, and its count of good steps
         ckpt["scaler"] = scaler.state_dict()
-    write_atomic(out / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
-    adapters.save(model, out / LAST_ADAPTER, base_model=base_model)
+    write_atomic(out / CHECKPOINT, lambda tmp: save_to_file(ckpt, tmp))
+    save_adapter(model, out / LAST_ADAPTER, base_model)
     if best_too or position["best"] is None:
-        adapters.save(model, out / adapters.ADAPTER_FILE, base_model=base_model)
+        save_adapter(model, out / adapters.ADAPTER_FILE, base_model)
+
+
+def save_adapter(model, path, base_model):
+    """adapters.save (whole or not at all); a full disk: WriteFailed naming the file."""
+    existed = path.exists()
+    try:
+        adapters.save(model, path, base_model=base_model)
+    except Exception as e:  # safetensors says "(os error 28)"
+        raise_if_disk_full(path, e, "the one written before is kept whole" if existed
+                           else "nothing was left in its place")
+        raise
+
+
+def save_to_file(obj, path):
+    """torch.save into a file we opened: a write the disk refuses then raises an OSError with its
+    errno (under torch's own RuntimeError), which write_atomic names."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load(out, model, optimizer, scaler):
@@ -282,9 +457,10 @@ def not_finite(loss, step, saved_step, out, float16):
     return f"loss became {loss} at step {step}; stopped, {kept} ({hint})"
 
 
-def report_end(args, step, skipped_steps, best, saved_epoch, sig):
+def report_end(args, step, skipped_steps, best, saved_epoch, sig, validates=True):
     """train.py's last lines (rank 0): what the run left in --out and how to go on. Returns the
-    exit status: 0, or 128 + the signal that stopped the run."""
+    exit status: 0, or 128 + the signal that stopped the run. validates: False when no quote was
+    held out, and adapter.safetensors is the last checkpoint's."""
     if sig:
         say(f"stopped by {signal.Signals(sig).name} at step {step}; checkpoint saved in "
             f"{args.out}, continue with --resume")
@@ -298,6 +474,9 @@ def report_end(args, step, skipped_steps, best, saved_epoch, sig):
         kept = (f"{adapter} holds the adapter of epoch {best['epoch']} (validation loss "
                 f"{best['val_loss']:.4f}, the best); the last one is {args.out}/"
                 f"{LAST_ADAPTER}")
+    elif not validates:
+        last = "the last epoch" if saved_epoch >= args.epochs else "the last checkpoint"
+        kept = f"{adapter} holds the adapter of {last} (no quote held out to validate on)"
     else:
         kept = f"adapter saved in {adapter} (not validated yet: no epoch has ended)"
     if saved_epoch < args.epochs:  # --max-steps, mid-run
@@ -314,15 +493,23 @@ def report_end(args, step, skipped_steps, best, saved_epoch, sig):
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 def log(out, **row):
-    """Append one JSON object as a line of metrics.jsonl (rank 0 only)."""
-    with open(Path(out) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one JSON object as a line of metrics.jsonl (rank 0 only): strict JSON, a loss that
+    is not finite null beside its reason (machinery/json_out.py). A full disk: WriteFailed."""
+    path = Path(out) / "metrics.jsonl"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(dumps(row) + "\n")
+    except OSError as e:
+        raise_if_disk_full(path, e, "the rows before it are kept (a cut last row is dropped on "
+                           "--resume)")
+        raise
 
 
 def read_metrics(out):
-    """The rows of metrics.jsonl; a last line cut short by a kill mid-append is left out."""
+    """The rows of metrics.jsonl; a last line cut short by a kill mid-append is left out. A line
+    ends at \\n only: str.splitlines would cut a row at a U+2028 or a NEL inside a string."""
     rows = []
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+    for line in (Path(out) / "metrics.jsonl").read_bytes().decode("utf-8").split("\n"):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -333,8 +520,8 @@ def read_metrics(out):
 def keep_metrics_until(out, step):
     """Resuming: forget the rows after the checkpoint's step; those steps run again."""
     if (Path(out) / "metrics.jsonl").exists():
-        kept = "".join(json.dumps(r) + "\n" for r in read_metrics(out) if r.get("step", 0) <= step)
-        write_atomic(Path(out) / "metrics.jsonl", lambda tmp: tmp.write_text(kept))
+        kept = "".join(dumps(r) + "\n" for r in read_metrics(out) if r.get("step", 0) <= step)
+        write_atomic(Path(out) / "metrics.jsonl", lambda tmp: tmp.write_bytes(kept.encode()))
 
 
 # ----------------------------------------------------------------------------- loss.png
@@ -360,6 +547,8 @@ class RunFolder:
         device = pick_device(args.device)
         if self.ddp and device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
+        check_out_path(args.out)  # one that cannot be a folder, before the lock beside it
+        self.hold_out(device)  # one run at a time writes into --out
         check_out(args)
         # --resume: the run's own settings; the --epochs and --max-steps it goes on with
         self.resumed_length = take_run_settings(args, args.given)
@@ -376,11 +565,31 @@ class RunFolder:
         self.signal = None  # Ctrl-C or SIGTERM: finish the step, checkpoint, leave
         self.stopping = self.at_max_steps = False
 
+    def hold_out(self, device):
+        """Rank 0 locks --out (lock_out) until the script ends; under torchrun the other ranks
+        learn whether it could, and refuse with it rather than wait for it at a barrier."""
+        refusal = None
+        if self.master:
+            try:
+                lock_out(self.args.out, "train.py")
+            except OSError as e:
+                refusal = e
+        if self.ddp:
+            flag = torch.tensor([int(refusal is not None)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if int(flag) and refusal is None:
+                refusal = BlockingIOError(f"--out {self.args.out}: rank 0 could not lock it "
+                                          "(its line says why)")
+        if refusal is not None:
+            raise refusal
+
     def start(self, model, optimizer, scaler, info, world):
         """The run's first line, --out prepared (rank 0), the signals caught; with --resume the
         checkpoint loaded. Returns the position: epoch, batches_done, step, skipped_steps, best."""
         args = self.args
         args.format = info["format"]  # as told by the rows, for run.json (sample.py reads it)
+        args.data_fingerprint = info.get("fingerprint")  # run.json keeps it
+        check_same_data(args, info)  # --resume: the data of the run, not rows added since
         if self.master:
             say(summary(args, model, info, self.device, self.dtype, self.why, world))
             if self.resumed_length:
@@ -403,11 +612,22 @@ class RunFolder:
         self.skipped_steps = at["skipped_steps"]
         self.scaler, self.scale = scaler, scaler.get_scale()
         self.steps_per_epoch = -(-info["train"] // args.batch_size)
+        # None held out (a file of one quote): no validation loss, no best; every checkpoint
+        # writes adapter.safetensors too (save: no best yet), so it ends as the last epoch's.
+        self.validates = info["val"] > 0
+        if self.master and not self.validates:
+            what = "quote" if info["format"] == "quotes" else "sample"
+            say(f"no validation {what}: --val-fraction {args.val_fraction} of {info['train']} "
+                f"usable {what}(s) rounds to none, so no validation loss is computed and "
+                f"{args.out}/{adapters.ADAPTER_FILE} keeps the last epoch's adapter")
         return at
 
     def log_eval(self, step, epoch, alpha, val_loss, is_best=False):
         """A validation's metrics row and line (rank 0): before training at step 0, else at
-        the end of an epoch, the best so far kept."""
+        the end of an epoch, the best so far kept. Without a validation quote, nothing: the
+        loss of no sample is no loss (start() said so once)."""
+        if not self.validates:
+            return
         log(self.args.out, kind="eval", step=step, epoch=epoch, alpha=alpha, val_loss=val_loss,
             **({"best": is_best} if step else {}))
         if not step:
@@ -477,17 +697,22 @@ class RunFolder:
         sig = None if self.at_max_steps else self.signal
         if not self.master:
             return 128 + sig if sig else 0
-        return report_end(self.args, step, self.skipped_steps, best, self.saved_epoch, sig)
+        return report_end(self.args, step, self.skipped_steps, best, self.saved_epoch, sig,
+                          self.validates)
 
 
 def summary(args, model, info, device, dtype, why, world):
     """train.py's first line: the model, what trains, the data, the device and the formulas."""
     trainable, total = lora.count_parameters(model)
+    in_4bit = sum(m.in_features * m.out_features for m in model.modules()
+                  if getattr(m, "is_4bit_linear", False))  # buffers, not parameters
+    total += in_4bit
+    nf4 = f" ({in_4bit / 1e6:.1f}M in {args.quantize})" if in_4bit else ""
     what = "quotes" if info["format"] == "quotes" else f"samples ({info['format']})"
     formulas = ("speed/kernels.py's hand-written backward passes (--kernels)" if args.kernels
                 else f"llama.py and lora.py as written, attention: {args.attention}")
-    return (f"{args.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-            f"(LoRA r={args.r}); {info['train']} train / {info['val']} val {what}; "
+    return (f"{args.model}: {total / 1e6:.1f}M parameters{nf4}, "
+            f"{trainable / 1e6:.2f}M trainable (LoRA r={args.r}); {info['train']} train / {info['val']} val {what}; "
             f"{describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
             f"{str(dtype).replace('torch.', '')} ({why}), {world} process(es); "
@@ -527,6 +752,34 @@ def use_the_runs_split(args):
     if args.model is None and isinstance(run.get("model"), str):
         args.model = run["model"]
     args.run_json = path  # eval.py names it once the quotes are read
+    # the run's held-out samples, by hash (runs_held_out); not for another split, allowed
+    args.run_data = None if changed else run.get("data_fingerprint")
+
+
+def runs_held_out(args, samples, val, info):
+    """eval.py: the held-out samples to score. The data file changed since training (rows added
+    or edited) when its held-out samples are not the run's: then its split is another, whose
+    held-out samples may be training ones. Said in a line, and the run's own held-out samples
+    are scored, found among `samples` (all of the file's) by the hashes run.json keeps.
+    ValueError when the file holds none of them."""
+    was = getattr(args, "run_data", None)
+    if not was or [sample_hash(s) for s in val] == was["held_out"]:
+        return val
+    by_hash = {}
+    for s in samples:
+        by_hash.setdefault(sample_hash(s), []).append(s)
+    found = [by_hash[h].pop() for h in was["held_out"] if by_hash.get(h)]
+    what = "quotes" if info["format"] == "quotes" else "samples"
+    differs = (f"{args.data} is not the data {args.run_json} was trained on ({info['rows']} "
+               f"rows now, {was['rows']} then)")
+    if not found:
+        raise ValueError(f"{differs} and holds none of the run's {len(was['held_out'])} held-out "
+                         f"{what}: nothing in it is known to be held out (pass the file "
+                         "train.py read)")
+    print(f"eval.py: warning: {differs}: its split is another, whose held-out {what} may be "
+          f"training {what}; scoring the run's own {len(found)} held-out {what}, found in it by "
+          f"their fingerprints ({len(found)} of {len(was['held_out'])})", file=sys.stderr)
+    return found
 
 
 def say_which_split(args):

@@ -6,11 +6,13 @@ themselves; the tool's own are added here.
 """
 import argparse
 import math
+import struct
 
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 LR = 5e-4  # train.py's --lr and bench.py's: docs/recipe.md measured why
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 FORMATS = ("quotes", "completion", "alpaca", "chat")  # machinery/data_files.py reads them
+QUANTIZE = ("nf4", "nf4-dq")  # the qlora chapter's base in 4 bits (qlora/load.py)
 
 
 def parser(prog, doc):
@@ -44,8 +46,23 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
         if not value > 0 or (kind is float and not math.isfinite(value)):  # nan > 0 is False too
             raise argparse.ArgumentTypeError(f"{text!r} must be a positive {kind.__name__}")
+        if kind is float and past_float32(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is too large for float32 "
+                                             f"(at most {FLOAT32_MAX:.2g})")
         return value
     return parse
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def past_float32(value):
+    """Whether float32 rounds the finite value to inf: torch refuses such a scalar in a float32
+    product ("value cannot be converted to type float without overflow")."""
+    try:  # packing rounds to the nearest float32: inf past its largest (older Pythons raise)
+        return math.isfinite(value) and math.isinf(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return True
 
 
 def seed(text):
@@ -70,6 +87,10 @@ def alphas(text):
     if bad:
         raise argparse.ArgumentTypeError(f"{text!r}: each alpha must be a finite number >= 0, "
                                          f"got {bad[0]}")
+    big = [v for v in values if past_float32(v)]
+    if big:
+        raise argparse.ArgumentTypeError(f"{text!r}: alpha {big[0]:g} is too large for float32 "
+                                         f"(at most {FLOAT32_MAX:.2g})")
     return values
 
 
@@ -129,6 +150,9 @@ def add_train_flags(p):
         "else float32; the first line says which and why")
     add("--recompute", action="store_true", help="activation checkpointing: keep each layer's "
         "input only, run the layer again in the backward pass")
+    add("--quantize", choices=QUANTIZE, default=None, help="QLoRA (the qlora chapter): the "
+        "decoder's Linear weights in 4-bit NF4, nf4-dq with double quantization; default: the "
+        "base in the compute dtype")
     add_formula_flags(p, "train with the speed chapter (speed/kernels.py): hand-written "
                       "backward passes, the same results up to rounding in less time and memory")
     add("--checkpoint-every", type=positive(int), default=100,
@@ -196,6 +220,7 @@ def add_sample_flags(p, default_model):
     add("--batch-size", type=positive(int), default=16, help="prompts generated together")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--dtype", choices=DTYPES, default="auto", help="compute dtype")
+    add_quantize_flag(p)
     add_formula_flags(p, "generate with the speed chapter (speed/): prompts read packed, "
                       "one-query attention on the CPU; the same tokens, faster")
 
@@ -212,6 +237,13 @@ def parse_sample(p, argv=None):
     return args
 
 
+def add_quantize_flag(p):
+    """sample.py's and eval.py's --quantize: by default the base as the adapter was trained."""
+    p.add_argument("--quantize", choices=(*QUANTIZE, "none"), default=None, help="the base's "
+                   "Linear weights in 4-bit NF4 (nf4-dq: double quantization) or not (none); "
+                   "default: as the adapter was trained (its metadata), else none")
+
+
 def check_adapter_flags(p, args):
     """--adapter, --no-adapter, --alpha and --alpha-sweep, which some pairs contradict."""
     if args.adapter and args.no_adapter:
@@ -221,6 +253,8 @@ def check_adapter_flags(p, args):
                 f"{'--no-adapter' if args.no_adapter else '--alpha'}")
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):  # 0: off
         p.error(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    if args.alpha is not None and past_float32(args.alpha):
+        p.error(f"--alpha {args.alpha:g} is too large for float32 (at most {FLOAT32_MAX:.2g})")
 
 
 # ----------------------------------------------------------------------------- eval.py
@@ -250,6 +284,7 @@ def add_eval_flags(p, default_dataset):
     add("--batch-size", type=positive(int), default=16, help="quotes per generate / loss batch")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--dtype", choices=DTYPES, default="auto", help="compute dtype")
+    add_quantize_flag(p)
     add("--show", type=int, default=3, help="print this many example completions")
     add("--score", choices=["tags", "exact"], default=None, help="tags: precision, recall and "
         "F1 of comma-separated tags; exact: the share of completions equal to the answer "

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import lora
-from machinery.checkpoint import CHECKPOINT
+from machinery.checkpoint import CHECKPOINT, WriteFailed, release_out_locks
 from machinery.progress import say
 
 
@@ -27,7 +27,8 @@ def run(prog, work, args):
         return 130
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         say(f"{prog}: error: {e}")
-        return 1 if isinstance(e, FloatingPointError) else 2
+        # a full disk is a failure, not bad input (the earlier checkpoint is kept whole)
+        return 1 if isinstance(e, (FloatingPointError, WriteFailed)) else 2
     except (torch.OutOfMemoryError, RuntimeError) as e:
         text = str(e)  # CUDA says "out of memory", the CPU allocator "can't allocate"
         if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text
@@ -40,6 +41,7 @@ def run(prog, work, args):
         # main() may be called from Python (tests): hand the signals back
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        release_out_locks()  # --out is free for the next run
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

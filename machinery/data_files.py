@@ -19,11 +19,12 @@ litgpt's newline after "### Response:" (ALPACA_PROMPT below); the completion is 
 rows are rendered in the model's own chat template (machinery/chat.py), the loss on the
 assistant's turns.
 """
+import hashlib
 import json
 
 from data import (QuoteTokenizer, build_samples, completion_sample, sample_of_chat,
                   split_samples, supervise_everything)
-from machinery import chat
+from machinery import chat, json_out
 from machinery.hub import resolve_data_file
 
 DEFAULT_DATASET = "Abirate/english_quotes"
@@ -156,10 +157,12 @@ def _reason(err):
 def _lines(path):
     """The non-blank lines of a file as (line number, text); CRLF and a UTF-8 BOM are fine.
 
-    We split the bytes, not the decoded text: str.splitlines would also cut at characters such as
-    U+2028 that JSON allows inside strings. Bytes that are not UTF-8 raise, naming the line."""
+    We split the bytes at \\n, not the decoded text: str.splitlines would also cut at characters
+    such as U+2028 that JSON allows inside strings, and bytes.splitlines at a lone \\r, which JSON
+    reads as a space. Bytes that are not UTF-8 raise, naming the line."""
     lines = []
-    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for line_number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
         try:
             text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
         except UnicodeDecodeError as err:
@@ -341,6 +344,21 @@ def load_dataset(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 2
     return train, val, tokenizer, info
 
 
+def sample_hash(sample):
+    """16 hex digits of a sample's tokens and loss mask: one sample, one hash, in any file."""
+    key = [sample["input_tokens"], sample["output_tokens"], sample.get("supervised")]
+    return hashlib.sha256(json_out.dumps(key).encode()).hexdigest()[:16]
+
+
+def fingerprint(info, train, val):
+    """What run.json keeps of the data as a run read it (a few kB): the counts, one sha256 of
+    the training samples in their order (--resume compares it), and the hash of each held-out
+    sample, by which eval.py finds them in a file that changed since (rows added or edited)."""
+    train_hash = hashlib.sha256("".join(map(sample_hash, train)).encode()).hexdigest()
+    return {"rows": info["rows"], "train": len(train), "val": len(val),
+            "train_sha256": train_hash, "held_out": [sample_hash(s) for s in val]}
+
+
 def training_split(model_dir, args):
     """load_dataset for train.py's flags (--data, --format, --train-on-input, --max-len,
     --val-fraction, --seed); ValueError when no sample is left to train on."""
@@ -350,6 +368,7 @@ def training_split(model_dir, args):
     if not train:
         raise ValueError(f"{args.data}: no quote left to train on "
                          f"(--max-len {args.max_len} too short?)")
+    info["fingerprint"] = fingerprint(info, train, val)  # for run.json: --resume, eval.py
     return train, val, tokenizer, info
 
 
@@ -405,7 +424,7 @@ def show_command(argv=None):
             sample = supervise_everything(sample)
         tokens, supervised = supervised_tokens(sample)
         if args.json:
-            print(json.dumps({"input_tokens": tokens, "supervised": supervised}))
+            print(json_out.dumps({"input_tokens": tokens, "supervised": supervised}))
         else:
             print(f"sample {i + 1} ({format}): {len(tokens)} tokens, {sum(supervised)} "
                   f"supervised\n{marked(tokenizer, tokens, supervised)}\n")

@@ -78,28 +78,65 @@ def _ids(value):
     return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
-def read_safetensors(model_dir):
-    """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint, CPU."""
-    from safetensors import safe_open
+def safetensors_files(model_dir):
+    """The checkpoint's files: model.safetensors, or the shards model.safetensors.index.json
+    lists. FileNotFoundError when there is none, or a listed shard is missing."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{model_dir}: no model.safetensors or "
                                 "model.safetensors.index.json")
-    state = {}
-    for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but missing")
+    for name in names:
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir / name}: listed in model.safetensors.index.json "
+                                    "but missing")
+    return [model_dir / name for name in names]
+
+
+def each_tensor(model_dir, keys=None):
+    """(name, tensor) of a single-file or sharded checkpoint, one tensor at a time, CPU, in the
+    stored dtype; only `keys` if given. ValueError naming a truncated or corrupt file."""
+    from safetensors import safe_open
+    for path in safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
+                names = [k for k in f.keys() if keys is None or k in keys]
+            for k in names:
+                # The file is mapped into memory while open, and each page read stays counted
+                # in the process's memory until it is closed: open it for one tensor at a time.
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    tensor = f.get_tensor(k)  # a copy, in the stored dtype
+                yield k, tensor
+                del tensor
         except Exception as e:  # safetensors has its own error type for a truncated file
             raise ValueError(f"{path}: cannot be read, truncated or corrupt? ({e})") from None
-    return state
+
+
+def read_safetensors(model_dir):
+    """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint, CPU."""
+    return dict(each_tensor(model_dir))
+
+
+def read_tensors(model_dir, keys):
+    """The tensors named in keys (a list), in that order: KeyError for one not stored."""
+    found = dict(each_tensor(model_dir, set(keys)))
+    return [found[k] for k in keys]
+
+
+def safetensors_shapes(model_dir):
+    """{name: (shape, path)} of every stored tensor, read from the files' headers only."""
+    from safetensors import safe_open
+    shapes = {}
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                shapes.update({k: (tuple(f.get_slice(k).get_shape()), path) for k in f.keys()})
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read, truncated or corrupt? ({e})") from None
+    return shapes
 
 
 def keeps_tie(state, tied, model_dir):

@@ -2,12 +2,12 @@
 a file, generated in batches of similar length (with a progress bar when there are many), and the
 alpha sweep printed side by side.
 """
-import json
 import sys
 from pathlib import Path
 
 from llama import generate, greedy
 from machinery.device import autocast
+from machinery.json_out import dumps
 from machinery.progress import progress
 
 
@@ -19,8 +19,11 @@ def read_prompts(args):
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts-file {path}: no such file")
-        # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of prompt 1
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of prompt 1.
+        # A line ends at \n (or \r\n) only: str.splitlines and read_text's newlines would also cut
+        # at U+2028, U+2029, NEL, a form feed or a lone \r, characters a prompt may hold.
+        text = path.read_bytes().decode("utf-8-sig")
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError("no prompt: pass one as an argument or use --prompts-file")
@@ -59,7 +62,7 @@ def print_completions(prompts, completions, jsonl, between=""):
     """prompt + between + completion a line, or {"prompt", "completion"} a line with --jsonl."""
     for prompt, completion in zip(prompts, completions):
         row = {"prompt": prompt, "completion": completion}
-        print(json.dumps(row) if jsonl else prompt + between + completion)
+        print(dumps(row) if jsonl else prompt + between + completion)
 
 
 def print_sweep(prompts, by_alpha, jsonl):
@@ -71,4 +74,4 @@ def print_sweep(prompts, by_alpha, jsonl):
             print(prompt)
         for alpha, completions in by_alpha:
             row = {"prompt": prompt, "alpha": alpha, "completion": completions[i]}
-            print(json.dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")
+            print(dumps(row) if jsonl else f"  alpha {alpha:<{width}g} {completions[i]!r}")

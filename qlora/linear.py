@@ -53,6 +53,8 @@ class LinearNF4(nn.Module):
     of the format, not weights in the compute dtype.
     """
 
+    is_4bit_linear = True  # lora.is_linear: add_lora wraps it as it wraps an nn.Linear
+
     def __init__(self, weight, compute_dtype=None):
         """weight: an NF4Weight of shape (out_features, in_features). Raises ValueError for
         another number of dimensions."""

@@ -157,7 +157,8 @@ def test_an_adapter_written_by_earlier_versions_still_loads(untied, base_models,
     """The file lora.py wrote before the adapter code moved (to export.py and back), by hand:
     keys as in the model's state dict, metadata str -> str, init "seed" (the method's init before
     it was named "random"). It must load, and save_adapter must still write exactly these keys and
-    metadata, init spelled "random" now."""
+    metadata, init spelled "random" now, and base_quantize "none" added (the base's precision in
+    training: the plain base here; an old file without it means the same)."""
     add_lora(untied, r=2, alpha=0.5, targets=["q_proj"])
     randomize_b(untied)
     tensors = {k: t for k, t in untied.state_dict().items() if ".lora_module." in k}
@@ -171,7 +172,7 @@ def test_an_adapter_written_by_earlier_versions_still_loads(untied, base_models,
     assert torch.equal(fresh(TOKENS), untied(TOKENS))
     new = adapters.save(untied, tmp_path / "new.safetensors", base_model="org/base")
     with safe_open(new, "pt") as f:
-        assert f.metadata() == {**old_meta, "init": "random"}
+        assert f.metadata() == {**old_meta, "init": "random", "base_quantize": "none"}
         assert set(f.keys()) == set(tensors)
 
 

@@ -167,24 +167,33 @@ def test_bad_sides_are_refused_naming_the_flag(capsys, text):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m bench: error: argument --sides: {text!r}: a comma list of plain, kernels, "
-        "peft, each once, with plain or kernels among them")
+        "nf4, nf4-dq, peft, each once, with one of ours among them")
 
 
 def test_the_ratios_are_those_of_the_sides_that_ran():
-    """Oracle: the quotients by hand. Steps of 1, 2, 4 ms (plain, kernels, peft) after one warmup
-    step; kernels has no memory figure, so its ratios have none."""
+    """Oracle: the quotients by hand. Steps of 1, 2, 4, 2 ms (plain, kernels, peft, nf4) after one
+    warmup step; kernels has no memory figures (a memory child gives both, the training peak and
+    the load peak), so its ratios have none; nf4 is held against plain."""
     args = types.SimpleNamespace(warmup=1)
-    times = {"plain": [9, 0.001, 0.001], "kernels": [9, 0.002, 0.002], "peft": [9, 0.004, 0.004]}
-    result = {"plain": {"tokens_per_s": 400.0, "peak_mem_mb": 50.0},
+    times = {"plain": [9, 0.001, 0.001], "kernels": [9, 0.002, 0.002], "peft": [9, 0.004, 0.004],
+             "nf4": [9, 0.002, 0.002]}
+    result = {"plain": {"tokens_per_s": 400.0, "peak_mem_mb": 50.0, "load_peak_mb": 40.0},
               "kernels": {"tokens_per_s": 200.0},
-              "peft": {"tokens_per_s": 100.0, "peak_mem_mb": 200.0}}
+              "peft": {"tokens_per_s": 100.0, "peak_mem_mb": 200.0, "load_peak_mb": 160.0},
+              "nf4": {"tokens_per_s": 200.0, "peak_mem_mb": 25.0, "load_peak_mb": 10.0}}
     ratios = bench_py.ratios(result, times, ["plain", "kernels", "peft"], args)
     assert ratios == {
-        "plain/peft": {"speedup": 4.0, "speedup_median_step": 4.0, "memory_ratio": 0.25},
-        "kernels/peft": {"speedup": 2.0, "speedup_median_step": 2.0, "memory_ratio": None},
-        "kernels/plain": {"speedup": 0.5, "speedup_median_step": 0.5, "memory_ratio": None}}
+        "plain/peft": {"speedup": 4.0, "speedup_median_step": 4.0, "memory_ratio": 0.25,
+                       "load_memory_ratio": 0.25},
+        "kernels/peft": {"speedup": 2.0, "speedup_median_step": 2.0, "memory_ratio": None,
+                         "load_memory_ratio": None},
+        "kernels/plain": {"speedup": 0.5, "speedup_median_step": 0.5, "memory_ratio": None,
+                          "load_memory_ratio": None}}
     assert list(bench_py.ratios(result, times, ["kernels", "peft"], args)) == ["kernels/peft"]
     assert bench_py.ratios(result, times, ["kernels"], args) == {}
+    assert bench_py.ratios(result, times, ["plain", "nf4"], args) == {
+        "nf4/plain": {"speedup": 0.5, "speedup_median_step": 0.5, "memory_ratio": 0.5,
+                      "load_memory_ratio": 0.25}}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -206,16 +215,20 @@ def test_json_line_has_the_three_sides_their_ratios_and_the_checks_pass(setup, c
     assert {"model", "device", "dtype", "batch_size", "plain", "kernels", "peft", "ratios",
             "generate", "checks"} <= set(result)
     for side in ("plain", "kernels", "peft"):
-        assert {"tokens_per_s", "step_ms", "peak_mem_mb", "mfu", "val_loss"} <= set(result[side])
+        assert {"tokens_per_s", "step_ms", "peak_mem_mb", "load_peak_mb", "mfu",
+                "val_loss"} <= set(result[side])
         assert result[side]["peak_mem_mb"] > 0 and 0 < result[side]["mfu"] < 1
+        assert 0 < result[side]["load_peak_mb"]
         assert result["generate"][side]["tokens_per_s"] > 0
     assert set(result["ratios"]) == {"plain/peft", "kernels/peft", "kernels/plain"}
     for pair, r in result["ratios"].items():
         a, b = pair.split("/")
-        assert set(r) == {"speedup", "speedup_median_step", "memory_ratio"}
+        assert set(r) == {"speedup", "speedup_median_step", "memory_ratio", "load_memory_ratio"}
         assert r["speedup"] == pytest.approx(result[a]["tokens_per_s"] / result[b]["tokens_per_s"])
         assert r["memory_ratio"] == pytest.approx(
             result[a]["peak_mem_mb"] / result[b]["peak_mem_mb"])
+        assert r["load_memory_ratio"] == pytest.approx(
+            result[a]["load_peak_mb"] / result[b]["load_peak_mb"])
         assert r["speedup_median_step"] > 0
     # plain, the first side, against each other one
     assert set(result["checks"]) == {f"same_{what}_plain_{other}" for other in ("kernels", "peft")
@@ -228,14 +241,14 @@ def test_json_line_has_the_three_sides_their_ratios_and_the_checks_pass(setup, c
 @pytest.mark.parametrize("plain", OURS)
 def test_recompute_gives_the_same_loss_and_gradients(setup, plain):
     """Llama.recompute (activation checkpointing) trades time for memory, never the result. bench
-    switches it on in the kernels side only (--recompute's help says so)."""
+    switches it on in all our sides (--recompute's help says so), plain as well as kernels."""
     folder, data = setup
     batch = first_batch(folder, data)
     grads = []
     for recompute in (False, True):
         side = sides.Ours(args_for(folder, data, *(["--recompute"] if recompute else [])),
                           "cpu", torch.float32, plain=plain)
-        assert side.model.recompute == (recompute and not plain)
+        assert side.model.recompute == recompute
         side.loss_sum(batch).backward()
         grads.append([p.grad for p in lora.lora_parameters(side.model)])
     for a, b in zip(*grads):

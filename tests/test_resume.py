@@ -101,8 +101,9 @@ def dying_save(obj, path):
         return real_save(obj, path)
     buffer = io.BytesIO()
     real_save(obj, buffer)
-    with open(path, "wb") as f:
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f = path if hasattr(path, "write") else open(path, "wb")  # a file checkpoint.py opened
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.flush()
     os._exit(3)  # dies mid-write, as on SIGKILL or power loss: no finally, no cleanup
 torch.save = dying_save
 sys.exit(train.main(sys.argv[1:]))
