@@ -25,7 +25,7 @@ import data
 import lora
 from llama import generate
 from machinery import adapters, cli, command, data_files, json_out, loading, plots, prompts
-from machinery.checkpoint import runs_held_out, say_which_split
+from machinery.split import runs_held_out, say_which_split
 from machinery.device import device_and_dtype
 
 

@@ -20,9 +20,10 @@ import torch
 
 import lora
 from machinery import adapters
-from machinery.checkpoint import (WriteFailed, check_out_dir, lock_out, release_out_locks,
-                                  remove_stale_temps, run_beside)
+from machinery.checkpoint import run_beside
 from machinery.cli import HelpFormatter, positive
+from machinery.out_folder import (WriteFailed, check_out_dir, lock_out, release_out_locks,
+                                  remove_stale_temps)
 from data import QuoteTokenizer
 from export.check import agreement, greedy_completions, held_out_prompts
 from export.gguf import GGUF_FILE, TYPES, export_gguf, model_from_gguf  # gguf itself: lazily

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import lora
-from machinery.checkpoint import write_atomic
+from machinery.out_folder import write_atomic
 from data import QuoteTokenizer
 from export.merged import merged_tensors, update_lost
 from llama import Llama, LlamaConfig, rope_inv_freq

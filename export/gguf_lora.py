@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lora
 from machinery import adapters
-from machinery.checkpoint import write_atomic
+from machinery.out_folder import write_atomic
 from data import QuoteTokenizer
 from export.gguf import (decode, encode, gguf_name, heads_of, hf_name, modelfile,
                          require_gguf, rope_pairs_adjacent, rope_pairs_split)

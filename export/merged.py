@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 import lora
 from machinery import json_out
-from machinery.checkpoint import write_atomic
+from machinery.out_folder import write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"  # the only one of the three that keeps the update (docs/adapters.md)

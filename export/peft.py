@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from machinery import adapters, json_out
-from machinery.checkpoint import write_atomic
+from machinery.out_folder import write_atomic
 
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 # Every option of adapter_config.json (the fields of peft 0.21's LoraConfig and PeftConfig) is in

@@ -295,8 +295,8 @@ def add_eval_flags(p, default_dataset):
 
 def parse_eval(p, argv=None):
     """eval.py's flags parsed and checked together, the split filled in from the run's
-    run.json (machinery/checkpoint.py: use_the_runs_split)."""
-    from machinery.checkpoint import use_the_runs_split
+    run.json (machinery/split.py: use_the_runs_split)."""
+    from machinery.split import use_the_runs_split
     from machinery.plots import can_plot, plot_path_problem
     args = p.parse_args(argv)
     check_formula_flags(p, args)

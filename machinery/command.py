@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 import lora
-from machinery.checkpoint import CHECKPOINT, WriteFailed, release_out_locks
+from machinery.checkpoint import CHECKPOINT
+from machinery.out_folder import WriteFailed, release_out_locks
 from machinery.progress import say
 
 

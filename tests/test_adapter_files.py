@@ -1,4 +1,4 @@
-"""lora.py's adapter files (save_adapter, load_adapter), checkpoint.write_atomic, and what they
+"""lora.py's adapter files (save_adapter, load_adapter), out_folder.write_atomic, and what they
 refuse.
 
 Oracle: the logits of the model that wrote an adapter; a reload into a fresh copy of the base must
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from machinery.checkpoint import write_atomic
+from machinery.out_folder import write_atomic
 from export.peft import export_peft, import_peft
 from llama import Llama
 from lora import add_lora, count_parameters, lora_modules, lora_state_dict
