@@ -19,7 +19,8 @@ itself is context, never a target: LoRA should not spend its few parameters on r
 
 This file: one sample (the tokens and where the loss is), the loss after the separator, the split,
 and the batches. Reading JSONL files (every row checked, file:line errors) is machinery's
-(machinery/data_files.py), as is finding a model folder's bos and eos.
+(machinery/data_files.py), as is finding a model folder's bos and eos, and the other shapes of
+data (completion, alpaca, chat), built from the same sample_of.
 """
 import random
 
@@ -92,38 +93,6 @@ def sample_of(tokenizer: QuoteTokenizer, prompt_ids: list[int], completion_ids: 
     tokens = [tokenizer.bos_id] + prompt_ids + completion_ids + [tokenizer.eos_id]
     return {"input_tokens": tokens[:-1], "output_tokens": tokens[1:],
             "sep_token_index": len(prompt_ids)}
-
-
-def completion_sample(tokenizer: QuoteTokenizer, prompt: str, completion: str,
-                      max_len: int | None = None) -> tuple[dict | None, bool]:
-    """(sample, whether it was cut) for any prompt and completion. To fit max_len, the prompt
-    loses its first tokens (its end, the cue nearest the answer, stays) and the completion is
-    kept whole: it is what the loss is about. None when not one prompt token is left."""
-    prompt_ids, completion_ids = prompt_and_completion_ids(tokenizer, prompt, completion)
-    truncated = max_len is not None and len(prompt_ids) + len(completion_ids) + 1 > max_len
-    if truncated:
-        room = max_len - 1 - len(completion_ids)
-        if room < 1:
-            return None, True
-        prompt_ids = prompt_ids[-room:]
-    return sample_of(tokenizer, prompt_ids, completion_ids), truncated
-
-
-def supervise_everything(sample: dict) -> dict:
-    """--train-on-input: the loss on every token, the prompt's too, not after the separator only.
-    sep_token_index still marks where the prompt ends (for sampling and scoring)."""
-    return {**sample, "supervised": [1] * len(sample["input_tokens"])}
-
-
-def sample_of_chat(ids: list[int], supervised: list[int]) -> dict:
-    """A chat rendered in its template as one sample (machinery/chat.py makes ids and supervised,
-    1 where ids[i] is a target: each assistant turn and its end-of-turn token). A chat has several
-    such spans, so the sample carries its mask, per position of input_tokens; sep_token_index is
-    where the last assistant turn starts: input_tokens[:sep_token_index + 1] prompts for it."""
-    starts = [i for i, s in enumerate(supervised) if s and (i == 0 or not supervised[i - 1])]
-    last_turn = starts[-1]
-    return {"input_tokens": ids[:-1], "output_tokens": ids[1:],
-            "sep_token_index": last_turn - 1, "supervised": supervised[1:]}
 
 
 # ----------------------------------------------------------------------------- the quotes

@@ -17,14 +17,14 @@ base, the trained alpha is the adapter, and past it the update is scaled up, whi
 write-up calls the "concussion" (the model forgets how to write). Each alpha gives a line on
 stderr; the JSON holds them all, and --plot draws loss and F1 against alpha.
 """
-import re
 import sys
 import time
 
 import data
 import lora
 from llama import generate
-from machinery import adapters, cli, command, data_files, json_out, loading, plots, prompts
+from machinery import (adapters, cli, command, data_files, json_out, loading, plots, prompts,
+                       scoring)
 from machinery.split import runs_held_out, say_which_split
 from machinery.device import device_and_dtype
 
@@ -34,55 +34,6 @@ def prompt_ids(sample):
     not their text encoded again: a cut inside a UTF-8 character decodes to U+FFFD, which
     encodes to other tokens."""
     return sample["input_tokens"][:sample["sep_token_index"] + 1]
-
-
-def parse_tags(completion):
-    """' love, life\\n...' -> {'love', 'life'}: the rest of the prompt's line, split at commas,
-    lower-cased. A model that starts a new line instead ("\\n\\nThe answer is") wrote no tags."""
-    line = completion.split("\n")[0]
-    return {t.strip().lower() for t in line.split(",") if t.strip()}
-
-
-def looks_like_tags(completion):
-    """A comma-separated list of short lower-case words, as the dataset writes tags."""
-    tags = parse_tags(completion)
-    return bool(tags) and all(re.fullmatch(r"[a-z0-9'-]+( [a-z0-9'-]+){0,2}", t) for t in tags)
-
-
-def tag_scores(completions, true_tags):
-    """Micro-averaged precision, recall and F1 of the predicted tag sets."""
-    hit = pred = true = 0
-    for completion, tags in zip(completions, true_tags):
-        predicted, wanted = parse_tags(completion), {t.strip().lower() for t in tags}
-        hit, pred, true = hit + len(predicted & wanted), pred + len(predicted), true + len(wanted)
-    precision, recall = hit / max(pred, 1), hit / max(true, 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "tag_shaped": sum(map(looks_like_tags, completions)) / len(completions)}
-
-
-def exact_match(completions, references):
-    """The share of completions equal to their reference once whitespace is normalized (runs of
-    it one space, none at the ends): the score of completion, alpaca and chat data."""
-    same = sum(" ".join(c.split()) == " ".join(r.split()) for c, r in zip(completions, references))
-    return {"exact_match": same / len(completions)}
-
-
-def scores(completions, samples, how):
-    """how "tags": tag P/R/F1 (the quotes' tags, or a reference that lists tags, "a, b");
-    "exact": the exact-match share of the references."""
-    if how == "exact":
-        return exact_match(completions, [s["reference"] for s in samples])
-    wanted = [s["tags"] if "tags" in s else s["reference"].split(",") for s in samples]
-    return tag_scores(completions, wanted)
-
-
-def one_line(row):
-    """A sweep's row as one line: the loss, and the scores of its data's shape."""
-    if "f1" in row:
-        return (f"P / R / F1 {row['precision']:.2f} / {row['recall']:.2f} / {row['f1']:.2f}, "
-                f"tag-shaped {row['tag_shaped']:.0%}")
-    return f"exact match {row['exact_match']:.0%}"
 
 
 def evaluate(args):
@@ -116,7 +67,7 @@ def evaluate(args):
         lora.set_alpha(model, alpha)  # every LoraModule: the same B A, scaled
         rows.append(score(model, tokenizer, val, args, device, dtype))
         print(f"eval.py: alpha {alpha:g}: validation loss {rows[-1]['val_loss']:.4f}, "
-              f"{one_line(rows[-1])}", file=sys.stderr)
+              f"{scoring.one_line(rows[-1])}", file=sys.stderr)
     return {"trained_alpha": trained, "sweep": rows}  # main() plots it, once the JSON is out
 
 
@@ -134,8 +85,10 @@ def score(model, tokenizer, val, args, device, dtype):
         generate_fn = generate
     completions = prompts.complete(model, tokenizer, ids, args, device, dtype,
                                    generate=generate_fn)
+    # tags: precision, recall and F1 of the predicted tag sets, micro-averaged over the quotes
+    # (each completion's first line split at commas); other answers: the exact-match share
     how = args.score or ("tags" if args.format == "quotes" else "exact")
-    result.update(scores(completions, held_out, how), n=len(held_out),
+    result.update(scoring.scores(completions, held_out, how), n=len(held_out),
                   seconds=round(time.time() - t0, 1))
     for s, c in list(zip(held_out, completions))[:args.show]:
         if args.format == "quotes":

@@ -164,22 +164,25 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             run.log_step(step, epoch, i + 1, alpha, loss, batch, scaler)  # metrics, progress
-            last = run.should_stop(step)  # --max-steps, or Ctrl-C or SIGTERM on any process
-            if i + 1 == steps_per_epoch:  # the epoch's end: validate, keep the best, checkpoint
-                is_best = False
-                if master and run.validates:  # no validation quote: the last adapter is kept
-                    val = data.validation_loss(raw_model, val_set, val_rows, pad_id, device,
-                                               dtype)
-                    is_best = best is None or val < best["val_loss"]
-                    if is_best:
-                        best = {"epoch": epoch + 1, "val_loss": val, "step": step}
-                    run.log_eval(step, epoch + 1, alpha, val, is_best)
-                run.save(raw_model, optimizer, scaler, epoch + 1, 0, step, alpha, best, is_best)
-            elif last or run.checkpoint_due(step):
-                run.save(raw_model, optimizer, scaler, epoch, i + 1, step, alpha, best)
-            if last:
+            done = i + 1
+            if run.should_stop(step):  # --max-steps, or Ctrl-C or SIGTERM on any process
                 break
-        if run.stopping:
+            if done < steps_per_epoch and run.checkpoint_due(step):
+                run.save(raw_model, optimizer, scaler, epoch, done, step, alpha, best)
+        if done < steps_per_epoch:  # stopped mid-epoch: --resume goes on from this batch
+            run.save(raw_model, optimizer, scaler, epoch, done, step, alpha, best)
+            break
+
+        # the epoch's end: validate, keep the best adapter, checkpoint
+        is_best = False
+        if master and run.validates:  # no validation quote: the last adapter is kept
+            val = data.validation_loss(raw_model, val_set, val_rows, pad_id, device, dtype)
+            is_best = best is None or val < best["val_loss"]
+            if is_best:
+                best = {"epoch": epoch + 1, "val_loss": val, "step": step}
+            run.log_eval(step, epoch + 1, alpha, val, is_best)
+        run.save(raw_model, optimizer, scaler, epoch + 1, 0, step, alpha, best, is_best)
+        if run.stopping:  # --max-steps or a signal at the epoch's last step
             break
     if ddp:
         command.check_ranks_agree(raw_model, world, device)

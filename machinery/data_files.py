@@ -22,8 +22,8 @@ assistant's turns.
 import hashlib
 import json
 
-from data import (QuoteTokenizer, build_samples, completion_sample, sample_of_chat,
-                  split_samples, supervise_everything)
+from data import (QuoteTokenizer, build_samples, prompt_and_completion_ids, sample_of,
+                  split_samples)
 from machinery import chat, json_out
 from machinery.hub import resolve_data_file
 
@@ -252,6 +252,38 @@ def describe_skips(counts: dict) -> str:
 
 # ----------------------------------------------------------------------------- rows to samples
 
+def completion_sample(tokenizer: QuoteTokenizer, prompt: str, completion: str,
+                      max_len: int | None = None) -> tuple[dict | None, bool]:
+    """(sample, whether it was cut) for any prompt and completion. To fit max_len, the prompt
+    loses its first tokens (its end, the cue nearest the answer, stays) and the completion is
+    kept whole: it is what the loss is about. None when not one prompt token is left."""
+    prompt_ids, completion_ids = prompt_and_completion_ids(tokenizer, prompt, completion)
+    truncated = max_len is not None and len(prompt_ids) + len(completion_ids) + 1 > max_len
+    if truncated:
+        room = max_len - 1 - len(completion_ids)
+        if room < 1:
+            return None, True
+        prompt_ids = prompt_ids[-room:]
+    return sample_of(tokenizer, prompt_ids, completion_ids), truncated
+
+
+def supervise_everything(sample: dict) -> dict:
+    """--train-on-input: the loss on every token, the prompt's too, not after the separator only.
+    sep_token_index still marks where the prompt ends (for sampling and scoring)."""
+    return {**sample, "supervised": [1] * len(sample["input_tokens"])}
+
+
+def sample_of_chat(ids: list[int], supervised: list[int]) -> dict:
+    """A chat rendered in its template as one sample (chat.py makes ids and supervised,
+    1 where ids[i] is a target: each assistant turn and its end-of-turn token). A chat has several
+    such spans, so the sample carries its mask, per position of input_tokens; sep_token_index is
+    where the last assistant turn starts: input_tokens[:sep_token_index + 1] prompts for it."""
+    starts = [i for i, s in enumerate(supervised) if s and (i == 0 or not supervised[i - 1])]
+    last_turn = starts[-1]
+    return {"input_tokens": ids[:-1], "output_tokens": ids[1:],
+            "sep_token_index": last_turn - 1, "supervised": supervised[1:]}
+
+
 def samples_of_rows(tokenizer, model_dir, format, rows, max_len):
     """data.py's samples of the usable rows, each with the text to score it by ("quote" and
     "tags", or "prompt" and "reference"), and {"truncated": n, "dropped": n}. Raises ValueError
@@ -327,7 +359,7 @@ def load_dataset(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 2
                  train_on_input: bool = False):
     """Read, tokenize and split a data file for train.py: (train, val, tokenizer, info), where
     info counts rows, skipped (by reason), truncated, dropped, train and val, and says the
-    format. train_on_input: the training samples' loss on every token (data.supervise_everything);
+    format. train_on_input: the training samples' loss on every token (supervise_everything);
     the held-out ones keep theirs on the answers, so that validation losses compare. Raises what
     from_model_dir, read_rows and split_samples raise.
 

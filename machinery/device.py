@@ -17,7 +17,9 @@ def autocast(device, dtype):
 
 def pick_device(name):
     """'auto' -> cuda, else mps, else cpu; anything else is checked against this machine.
-    Raises ValueError naming --device when the device is unknown or absent."""
+    Raises ValueError naming --device when the device is unknown or absent. Sets glibc's
+    large_blocks_apart (below) first: the model is loaded through host memory on every device."""
+    large_blocks_apart()
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -129,3 +131,24 @@ def release_freed_memory():
 
 
 _malloc_trim = None
+
+
+def large_blocks_apart(mib=1):
+    """glibc's malloc: every block of at least `mib` MiB gets pages of its own (mmap), handed back
+    to the system as soon as it is freed. Unset, glibc raises that threshold (up to 32 MiB) each
+    time such a block is freed, so that later activations and dequantized weights come from the
+    heap, whose freed pages stay counted in the process between steps: a recomputed step of
+    Llama-3.2-1B on a 4-bit base peaked at 2.6-2.9 GB so, 1.8 GB with it (docs/qlora.md).
+    Elsewhere (macOS, musl) nothing. Returns whether it was set."""
+    global _mallopt
+    if _mallopt is None:
+        import ctypes
+        try:
+            _mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _mallopt = False
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    return bool(_mallopt) and _mallopt(M_MMAP_THRESHOLD, int(mib * 2**20)) == 1
+
+
+_mallopt = None

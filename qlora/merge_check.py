@@ -22,21 +22,9 @@ import torch
 import lora
 from data import QuoteTokenizer
 from llama import Llama, generate
-from machinery import adapters, data_files
+from machinery import adapters, data_files, scoring
 from machinery.checkpoint import run_beside
 from qlora.load import dequantize_base, from_pretrained
-
-
-def tag_f1(completions, true_tags):
-    """Micro-averaged tag F1, as eval.py's tag_scores (a script, which no file imports): the
-    completion's first line split at commas, lower-cased, against the true tags."""
-    hit = pred = true = 0
-    for completion, tags in zip(completions, true_tags):
-        predicted = {t.strip().lower() for t in completion.split("\n")[0].split(",") if t.strip()}
-        wanted = {t.strip().lower() for t in tags}
-        hit, pred, true = hit + len(predicted & wanted), pred + len(predicted), true + len(wanted)
-    precision, recall = hit / max(pred, 1), hit / max(true, 1)
-    return 2 * precision * recall / max(precision + recall, 1e-12)
 
 
 def greedy(model, prompts, eos_ids, batch_size=16):
@@ -83,7 +71,7 @@ def main(argv=None):
     texts = {k: [tokenizer.decode(c) for c in v] for k, v in results.items()}
     rows = {}
     for name, completions in texts.items():
-        f1 = tag_f1(completions, [s["tags"] for s in val_set])
+        f1 = scoring.tag_scores(completions, [s["tags"] for s in val_set])["f1"]
         same = sum(a == b for a, b in zip(results[name], results["4-bit"]))
         rows[name] = {"f1": round(f1, 4), "same_as_4bit": f"{same}/{len(prompts)}"}
         print(f"{name:12} tag F1 {f1:.3f}, completions equal to the 4-bit one's: "

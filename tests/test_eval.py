@@ -9,7 +9,7 @@ import pytest
 import eval as eval_py
 import lora
 from data import QuoteTokenizer
-from eval import looks_like_tags, parse_tags, tag_scores
+from machinery.scoring import looks_like_tags, parse_tags, tag_scores
 from machinery import adapters, data_files, loading, plots
 from tiny_run import run_script, tiny_model, train_args, write_quotes
 

@@ -75,7 +75,7 @@ def test_a_completion_sample_is_the_whole_text_tokenized_with_the_loss_on_the_an
         tmp_path_factory):
     tokenizer = QuoteTokenizer.from_model_dir(tiny_model(tmp_path_factory))
     prompt, completion = "So many books, so little time. | tags:", " books, humor"
-    sample, cut = data.completion_sample(tokenizer, prompt, completion)
+    sample, cut = data_files.completion_sample(tokenizer, prompt, completion)
     whole = [tokenizer.bos_id] + tokenizer.encode(prompt + completion) + [tokenizer.eos_id]
     assert not cut and sample["input_tokens"] + sample["output_tokens"][-1:] == whole
     n_prompt = len(tokenizer.encode(prompt))
@@ -89,13 +89,13 @@ def test_a_completion_sample_is_the_whole_text_tokenized_with_the_loss_on_the_an
 def test_a_long_prompt_loses_its_start_and_the_answer_stays_whole(tmp_path_factory):
     tokenizer = QuoteTokenizer.from_model_dir(tiny_model(tmp_path_factory))
     prompt, completion = "So many books, so little time. " * 8 + "| tags:", " books, humor"
-    sample, cut = data.completion_sample(tokenizer, prompt, completion, max_len=20)
+    sample, cut = data_files.completion_sample(tokenizer, prompt, completion, max_len=20)
     assert cut and len(sample["input_tokens"]) == 20
     answer = tokenizer.encode(prompt + completion)[len(tokenizer.encode(prompt)):]
     assert sample["output_tokens"][-len(answer) - 1:] == answer + [tokenizer.eos_id]
     kept = sample["input_tokens"][1:sample["sep_token_index"] + 1]
     assert kept == tokenizer.encode(prompt)[-len(kept):]  # the prompt's end, the cue, stays
-    assert data.completion_sample(tokenizer, prompt, completion * 30, max_len=20) == (None, True)
+    assert data_files.completion_sample(tokenizer, prompt, completion * 30, max_len=20) == (None, True)
 
 
 def test_train_on_input_puts_the_loss_on_every_training_token_and_validation_keeps_its_own(
