@@ -14,8 +14,10 @@ tokenizer, the tokens are (Ġ is a space)
     sep_token_index = 7           (the ":" that ends " | tags:", the prompt's last token)
 
 The model only has to learn to write tags, so the loss is taken at positions i >= sep_token_index:
-there input_tokens[i] -> output_tokens[i] are the tag tokens and the final <eos>. The quote
-itself is context, never a target: LoRA should not spend its few parameters on re-learning English.
+there the model has read up to the ":" (or into the tags) and output_tokens[i], its target, is a
+tag token or the final <eos>. "After the separator" means these targets: the predictions made
+from the separator on. The quote itself is context, never a target: LoRA should not spend its few
+parameters on re-learning English.
 
 This file: one sample (the tokens and where the loss is), the loss after the separator, the split,
 and the batches. Reading JSONL files (every row checked, file:line errors) is machinery's
@@ -40,6 +42,7 @@ SEPARATOR = " | tags:"  # ends every prompt: the cue to write tags
 
 class QuoteTokenizer:
     """tokenizer.json read by the `tokenizers` library; we add bos and eos ourselves, once each.
+    Named for the quotes, it tokenizes every shape of data (the completions and chats too).
 
     Tokenizers disagree about bos: Llama-3.2's post-processor prepends <|begin_of_text|>, SmolLM2's
     adds nothing. So encode() never adds one, and make_sample puts exactly one bos at the start."""
@@ -89,7 +92,9 @@ def prompt_and_completion_ids(tokenizer: QuoteTokenizer, prompt: str,
 
 def sample_of(tokenizer: QuoteTokenizer, prompt_ids: list[int], completion_ids: list[int]):
     """bos + prompt + completion + eos as one sample: {"input_tokens", "output_tokens",
-    "sep_token_index"}; the loss is on the completion and the eos."""
+    "sep_token_index"}; the loss is on the completion and the eos. (A sample may also carry
+    "supervised", a 0/1 per position, where the loss is elsewhere: a chat's replies,
+    --train-on-input's every token; machinery/data_files.py builds those, collate reads it.)"""
     tokens = [tokenizer.bos_id] + prompt_ids + completion_ids + [tokenizer.eos_id]
     return {"input_tokens": tokens[:-1], "output_tokens": tokens[1:],
             "sep_token_index": len(prompt_ids)}

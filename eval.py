@@ -22,43 +22,24 @@ import time
 
 import data
 import lora
-from llama import generate
-from machinery import (adapters, cli, command, data_files, json_out, loading, plots, prompts,
-                       scoring)
-from machinery.split import runs_held_out, say_which_split
-from machinery.device import device_and_dtype
+from machinery import cli, command, data_files, json_out, loading, plots, prompts, scoring
+from machinery.split import held_out
 
 
-def prompt_ids(sample):
-    """The prompt as training read it: bos, the quote cut to --max-len, ' | tags:'. The same ids,
-    not their text encoded again: a cut inside a UTF-8 character decodes to U+FFFD, which
-    encodes to other tokens."""
+def prompt_of(sample):
+    """A held-out sample's prompt as training read it: bos, the quote cut to --max-len,
+    ' | tags:' (input_tokens up to the separator). The same ids, not their text encoded again: a
+    cut inside a UTF-8 character decodes to U+FFFD, which encodes to other tokens."""
     return sample["input_tokens"][:sample["sep_token_index"] + 1]
 
 
 def evaluate(args):
     """Score the model on the held-out quotes; with --alpha-sweep, once per alpha. Returns the
     result (a dict), or {"trained_alpha": the adapter's, "sweep": [one result per alpha]}."""
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    adapter, read = None if args.no_adapter else args.adapter, adapters.read
-    if loading.is_peft_folder(adapter):  # PEFT's format is a chapter, imported for its folders
-        from export.peft import read_peft as read
-    load = None
-    if loading.base_quantize(args, adapter, "eval.py"):  # --quantize, or as the adapter learned
-        from qlora.load import load_base as load  # a 4-bit base: the qlora chapter
-    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "eval.py", read,
-                                                  load)
-    if args.kernels:
-        from speed import kernels  # the speed chapter, imported only when asked for
-        kernels.use(model)
-    train, val, _, info = data_files.load_dataset(model.model_dir, args.data, args.max_len,
-                                                  args.val_fraction, args.seed, args.format)
-    val = runs_held_out(args, train + val, val, info)  # the file changed since: the run's own
-    args.format = info["format"]
-    if not val:
-        raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
-                         f"{args.val_fraction} of the usable quotes rounds to none)")
-    say_which_split(args)
+    adapter = None if args.no_adapter else args.adapter
+    # the base and the adapter as they trained (4-bit or not), on --device; --kernels' chapter
+    model, tokenizer, device, dtype = loading.model_for(args, adapter, "eval.py")
+    val = held_out(args, model.model_dir)  # train.py's validation split, from run.json's flags
     if not args.alpha_sweep:
         return score(model, tokenizer, val, args, device, dtype)
     trained = next(iter(lora.lora_modules(model).values())).alpha  # the adapter's own
@@ -72,31 +53,22 @@ def evaluate(args):
 
 
 def score(model, tokenizer, val, args, device, dtype):
-    """Validation loss on every held-out quote, and tags written for the first --n of them."""
+    """Validation loss on every held-out quote, and tags written for the first --n of them.
+    The adapter stays apart from W (sample.py merges it): the sweep rescales the same B A, and the
+    tags come from the very model whose loss is reported."""
     t0 = time.time()
     in_use = {m.alpha for m in lora.lora_modules(model).values()}  # one: set_alpha sets them all
     loss = data.validation_loss(model, val, args.batch_size, tokenizer.eos_id, device, dtype)
     result = {"alpha": in_use.pop() if in_use else None, "val_loss": loss}
-    held_out = val[:args.n]
-    ids = [prompt_ids(s) for s in held_out]
-    if args.kernels:
-        from speed.generate import generate_packed as generate_fn
-    else:
-        generate_fn = generate
-    completions = prompts.complete(model, tokenizer, ids, args, device, dtype,
-                                   generate=generate_fn)
+    samples = val[:args.n]
+    completions = prompts.complete(model, tokenizer, [prompt_of(s) for s in samples], args,
+                                   device, dtype)  # greedy
     # tags: precision, recall and F1 of the predicted tag sets, micro-averaged over the quotes
     # (each completion's first line split at commas); other answers: the exact-match share
     how = args.score or ("tags" if args.format == "quotes" else "exact")
-    result.update(scoring.scores(completions, held_out, how), n=len(held_out),
+    result.update(scoring.scores(completions, samples, how), n=len(samples),
                   seconds=round(time.time() - t0, 1))
-    for s, c in list(zip(held_out, completions))[:args.show]:
-        if args.format == "quotes":
-            print(f"{s['quote'][:70]!r} | true: {', '.join(s['tags'])} | wrote:{c!r}",
-                  file=sys.stderr)
-        else:
-            asked = tokenizer.decode(prompt_ids(s))[-70:]
-            print(f"...{asked!r} | true: {s['reference']!r} | wrote: {c!r}", file=sys.stderr)
+    scoring.show(samples, completions, tokenizer, args.format, args.show)  # --show N: examples
     return result
 
 
@@ -121,15 +93,7 @@ def main(argv=None):
     adapter = None if args.no_adapter else args.adapter
     # strict JSON: a loss that overflowed is null, with val_loss_reason beside it
     print(json_out.dumps({"adapter": adapter, **result}), flush=True)
-    if args.plot:  # after the JSON: a plot that fails (a full disk) loses no score
-        try:
-            path = plots.plot_sweep(result["sweep"], result["trained_alpha"], args.plot,
-                                    args.adapter)
-        except (ValueError, TypeError, OSError) as e:
-            print(f"eval.py: error: --plot {args.plot}: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return plots.draw_sweep(result, args) if args.plot else 0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ import torch
 
 import lora
 from data import SEPARATOR
-from llama import DEFAULT_MODEL, generate, greedy
-from machinery import adapters, chat, cli, command, data_files, loading, prompts
-from machinery.device import device_and_dtype
+from llama import DEFAULT_MODEL, greedy
+from machinery import chat, cli, command, data_files, loading, prompts
 
 
 # ----------------------------------------------------------------------------- the next token
@@ -89,14 +88,11 @@ def prompt_ids(tokenizer, texts, form, model_dir):
 
 
 def complete_prompts(model, tokenizer, ids, args, device, dtype):
-    """The completions of the prompts (token ids), in their order, seeded by --seed; with
-    --kernels, the speed chapter's packed generation."""
+    """The completions of the prompts (token ids), in their order: llama.generate's loop with
+    this file's choice of the next token, seeded by --seed."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pick = sampler(args.temperature, args.top_k, args.top_p, generator)
-    generate_fn = generate
-    if args.kernels:
-        from speed.generate import generate_packed as generate_fn  # the chapter, when asked
-    return prompts.complete(model, tokenizer, ids, args, device, dtype, pick, generate_fn)
+    return prompts.complete(model, tokenizer, ids, args, device, dtype, pick)
 
 
 def sweep(model, tokenizer, ids, args, device, dtype):
@@ -116,18 +112,9 @@ def write(args):
     """Load the model and its adapter, then write: once, or once per --alpha-sweep alpha.
     Returns (the prompts as shaped, their completions or the sweep's, the prompts' form)."""
     texts = prompts.read_prompts(args)
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    adapter, read = loading.pick(args), adapters.read  # --adapter, else out/ if train.py wrote it
-    if loading.is_peft_folder(adapter):  # PEFT's format is a chapter, imported for its folders
-        from export.peft import read_peft as read
-    load = None
-    if loading.base_quantize(args, adapter, "sample.py"):  # --quantize, or as the adapter learned
-        from qlora.load import load_base as load  # a 4-bit base: the qlora chapter
-    model, tokenizer = loading.model_with_adapter(args, adapter, device, dtype, "sample.py", read,
-                                                  load)
-    if args.kernels:
-        from speed import kernels  # the speed chapter, imported only when asked for
-        kernels.use(model)
+    adapter = loading.pick(args)  # --adapter, else out/ if train.py wrote it
+    # the base and the adapter as they trained (4-bit or not), on --device; --kernels' chapter
+    model, tokenizer, device, dtype = loading.model_for(args, adapter, "sample.py")
     form = "chat" if args.chat else loading.trained_format(adapter)  # how it learned to read
     if form == "quotes":
         texts = shape_prompts(texts)  # its note after the loading lines, and only if it loaded
@@ -137,7 +124,7 @@ def write(args):
     # Sampling never changes the adapter: fold alpha * B A into each W once, and every new token
     # costs the base model's products, not two more small ones (and casts) per Linear. Not into
     # a 4-bit W (--quantize): W + alpha * B A is no NF4 matrix, rounding it again would change it.
-    if not getattr(model, "quantize", None):
+    if not getattr(model, "quantize", None):  # set by qlora.load on a 4-bit base
         lora.merge_lora(model)
     return texts, complete_prompts(model, tokenizer, ids, args, device, dtype), form
 

@@ -92,6 +92,8 @@ def train(args):
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     master = rank == 0  # rank 0 alone prints and writes
+    # The run's folder (machinery/checkpoint.py): each run.<call> below is one piece of
+    # bookkeeping (a metrics row, a checkpoint, the stop check), and the loop stays here.
     run = RunFolder(args, master)  # checks --out; --resume takes the run's settings from it
     device, dtype = run.device, run.dtype  # --device and --dtype auto: the first line says why
     if run.nothing_left:  # --resume of a run already at its end: said, nothing written
@@ -102,6 +104,8 @@ def train(args):
         model = load_base(args.model, args.quantize, dtype, device, "train.py")
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # compute dtype
+    # data.py's samples of --data (read and checked row by row in machinery/data_files.py),
+    # cut to --max-len; data.split_samples holds out --val-fraction of them, by --seed
     train_set, val_set, tokenizer, info = data_files.training_split(model.model_dir, args)
     torch.manual_seed(args.seed)  # the random A and B
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init,
@@ -158,7 +162,7 @@ def train(args):
             if ddp:
                 dist.all_reduce(loss_total)  # the loss of the whole batch, on every rank
             loss = loss_total.item() / n_supervised
-            run.check_finite(loss, step + 1)  # a step would carry an inf or NaN into A and B
+            run.check_finite(loss, step + 1)  # raises (exit 1): an inf or NaN would reach A, B
             scaler.step(optimizer)  # float16: gradients divided by the scale; skipped on inf
             scaler.update()  # float16: halve the scale after an overflow, else grow it slowly
             optimizer.zero_grad(set_to_none=True)

@@ -542,7 +542,8 @@ def summary(args, model, info, device, dtype, why, world):
     formulas = ("speed/kernels.py's hand-written backward passes (--kernels)" if args.kernels
                 else f"llama.py and lora.py as written, attention: {args.attention}")
     return (f"{args.model}: {total / 1e6:.1f}M parameters{nf4}, "
-            f"{trainable / 1e6:.2f}M trainable (LoRA r={args.r}); {info['train']} train / {info['val']} val {what}; "
+            f"{trainable / 1e6:.2f}M trainable (LoRA r={args.r}); "
+            f"{info['train']} train / {info['val']} val {what}; "
             f"{describe_skips(info['skipped'])}; {info['truncated']} cut and "
             f"{info['dropped']} dropped to fit --max-len {args.max_len}; device {device}, "
             f"{str(dtype).replace('torch.', '')} ({why}), {world} process(es); "

@@ -1,5 +1,6 @@
 """The model sample.py and eval.py run: the base from --model or the adapter's metadata, the
-adapter checked and put in, attention as --attention asks.
+adapter checked and put in, attention as --attention asks; the chapters the flags ask for
+(a PEFT folder's reader, the 4-bit base, the speed chapter's kernels), imported only then.
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,26 @@ from llama import DEFAULT_MODEL, Llama
 from machinery import adapters
 from machinery.checkpoint import run_beside
 from machinery.cli import DEFAULT_OUT, set_attention
+from machinery.device import device_and_dtype
+
+
+def model_for(args, adapter, prog):
+    """(model, tokenizer, device, dtype) for sample.py and eval.py (prog names it in messages):
+    the device and dtype of --device and --dtype; the base quantized as --quantize or the
+    adapter's training says; the adapter (a path, or None) read and checked to fit, from a
+    train.py file or a PEFT folder; --kernels' speed chapter on the model."""
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    read = adapters.read
+    if is_peft_folder(adapter):  # PEFT's format is the export chapter's, imported for its folders
+        from export.peft import read_peft as read
+    load = None
+    if base_quantize(args, adapter, prog):  # --quantize, or as the adapter learned
+        from qlora.load import load_base as load  # a 4-bit base: the qlora chapter
+    model, tokenizer = model_with_adapter(args, adapter, device, dtype, prog, read, load)
+    if args.kernels:
+        from speed import kernels  # the speed chapter, imported only when asked for
+        kernels.use(model)
+    return model, tokenizer, device, dtype
 
 
 def pick(args):

@@ -102,7 +102,7 @@ def check_out_path(out):
             return
 
 
-# ----------------------------------------------------------------------------- one writer at a time
+# ---------------------------------------------------------------------------- one writer at a time
 
 _held = []  # the locks this process holds: (descriptor, lock file, folders made for it)
 

@@ -3,6 +3,7 @@ alpha sweep. matplotlib is optional: asked for before any work, drawn into files
 """
 import importlib.util
 import os
+import sys
 
 
 def can_plot():
@@ -99,3 +100,15 @@ def plot_sweep(rows, trained, path, adapter):
     bottom.set_xlabel(f"alpha (log scale; dotted: the adapter's own, {trained:g})")
     top.set_title(f"{adapter}: the same adapter at each alpha", fontsize=10)
     return save_figure(fig, path)
+
+
+def draw_sweep(result, args):
+    """eval.py --plot, after the JSON is out (a plot that fails, a full disk, loses no score):
+    the sweep drawn into args.plot. Returns the exit status: 0, or 2 with one error line."""
+    try:
+        path = plot_sweep(result["sweep"], result["trained_alpha"], args.plot, args.adapter)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"eval.py: error: --plot {args.plot}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}", file=sys.stderr)
+    return 0

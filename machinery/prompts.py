@@ -33,12 +33,15 @@ def read_prompts(args):
     return prompts
 
 
-def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=generate):
+def complete(model, tokenizer, ids, args, device, dtype, pick=greedy):
     """The text each prompt continues with, in the prompts' order. ids: prompts as token ids, bos
-    first; args: sample.py's and eval.py's flags (max_new_tokens, batch_size); pick: how a next
-    token is chosen (llama.greedy, or sample.py's sampler); generate: llama.generate, or the
-    speed chapter's packed one. Prompts of similar length share a batch. ValueError if a prompt
-    would pass the model's context."""
+    first; args: sample.py's and eval.py's flags (max_new_tokens, batch_size, kernels); pick: how
+    a next token is chosen (llama.greedy, or sample.py's sampler). The loop is llama.generate, or
+    with --kernels the speed chapter's packed one. Prompts of similar length share a batch.
+    ValueError if a prompt would pass the model's context."""
+    run = generate
+    if getattr(args, "kernels", False):  # export's checks pass no --kernels
+        from speed.generate import generate_packed as run  # the chapter, when asked for
     context = model.config.max_position_embeddings
     for i, p in enumerate(ids):
         if len(p) + args.max_new_tokens > context:
@@ -52,7 +55,7 @@ def complete(model, tokenizer, ids, args, device, dtype, pick=greedy, generate=g
     for start in batches:
         chunk = order[start:start + args.batch_size]
         with autocast(device, dtype):
-            new = generate(model, [ids[i] for i in chunk], args.max_new_tokens, pick=pick)
+            new = run(model, [ids[i] for i in chunk], args.max_new_tokens, pick=pick)
         for i, tokens in zip(chunk, new):
             completions[i] = tokenizer.decode(tokens)
     return completions

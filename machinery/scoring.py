@@ -2,6 +2,7 @@
 share for other answers.
 """
 import re
+import sys
 
 
 def parse_tags(completion):
@@ -51,3 +52,15 @@ def one_line(row):
         return (f"P / R / F1 {row['precision']:.2f} / {row['recall']:.2f} / {row['f1']:.2f}, "
                 f"tag-shaped {row['tag_shaped']:.0%}")
     return f"exact match {row['exact_match']:.0%}"
+
+
+def show(samples, completions, tokenizer, form, n):
+    """eval.py --show: the first n held-out samples on stderr, a line each: what was asked (a
+    quote, or the prompt's last 70 characters), the true answer, what the model wrote."""
+    for s, c in list(zip(samples, completions))[:n]:
+        if form == "quotes":
+            print(f"{s['quote'][:70]!r} | true: {', '.join(s['tags'])} | wrote:{c!r}",
+                  file=sys.stderr)
+        else:
+            asked = tokenizer.decode(s["input_tokens"][:s["sep_token_index"] + 1])[-70:]
+            print(f"...{asked!r} | true: {s['reference']!r} | wrote: {c!r}", file=sys.stderr)

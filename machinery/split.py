@@ -8,7 +8,7 @@ import os
 import sys
 
 from machinery.checkpoint import run_beside
-from machinery.data_files import DEFAULT_DATASET, SPLIT, sample_hash
+from machinery.data_files import DEFAULT_DATASET, SPLIT, load_dataset, sample_hash
 
 
 # ----------------------------------------------------------------------------- eval.py's split
@@ -46,6 +46,21 @@ def use_the_runs_split(args):
     args.run_json = path  # eval.py names it once the quotes are read
     # the run's held-out samples, by hash (runs_held_out); not for another split, allowed
     args.run_data = None if changed else run.get("data_fingerprint")
+
+
+def held_out(args, model_dir):
+    """eval.py's held-out samples: train.py's validation split of --data (data.py's samples, cut
+    to --max-len), the run's own rows where the file changed since. Sets args.format to the
+    data's. ValueError for none to score; the split used is said on stderr."""
+    train, val, _, info = load_dataset(model_dir, args.data, args.max_len, args.val_fraction,
+                                       args.seed, args.format)
+    val = runs_held_out(args, train + val, val, info)
+    args.format = info["format"]
+    if not val:
+        raise ValueError(f"{args.data}: no held-out quote to score (--val-fraction "
+                         f"{args.val_fraction} of the usable quotes rounds to none)")
+    say_which_split(args)
+    return val
 
 
 def runs_held_out(args, samples, val, info):

@@ -44,7 +44,8 @@ def main(argv=None):
     tensors, meta = adapters.read(args.adapter)
     quantize, base = meta.get("base_quantize", "none"), meta["base_model"]
     if quantize == "none":
-        sys.exit(f"python -m qlora.merge_check: error: {args.adapter}: not trained on a 4-bit base")
+        sys.exit(f"python -m qlora.merge_check: error: {args.adapter}: "
+                 "not trained on a 4-bit base")
     run = run_beside(args.adapter)[1]
     split = SimpleNamespace(data=args.data, max_len=run["max_len"], seed=run["seed"],
                             val_fraction=run["val_fraction"], format=run.get("format"),

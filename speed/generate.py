@@ -1,7 +1,7 @@
 """Chapter: reading the prompts packed, for generation (sample.py and eval.py with --kernels).
 
 llama.generate() reads each prompt alone: a forward pass a prompt, each a few rows for the weights
-to multiply (quotes run from 15 to 250 tokens). Here the prompts are packed one after another
+to multiply (quotes run from 11 to 906 tokens). Here the prompts are packed one after another
 into rows of about PACK_TOKENS, each prompt attending only to itself through a block-diagonal
 mask: fewer, fuller passes, and still no work on padding. Its keys and values then move to its
 row of the batch's cache, right-aligned, and the batch continues with llama.decode(), a token a

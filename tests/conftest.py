@@ -52,7 +52,7 @@ def llama1b_dir():
     return _path_from_env("LORA_TEST_LLAMA1B")
 
 
-# ----------------------------------------------------------------------------- tiny models (test_lora, test_adapter_files)
+# ----------------------------------------------------- tiny models (test_lora, test_adapter_files)
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
@@ -70,7 +70,8 @@ def base_models(tiny_dirs):
 
 @pytest.fixture
 def tied(base_models):
-    return copy.deepcopy(base_models["tied"])  # deepcopy keeps lm_head.weight IS embed_tokens.weight
+    # deepcopy keeps lm_head.weight IS embed_tokens.weight
+    return copy.deepcopy(base_models["tied"])
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from train import split_rows
 
 
 def numbered(n):
-    return [{"input_tokens": [0, i], "output_tokens": [i, 1], "sep_token_index": 0} for i in range(n)]
+    return [{"input_tokens": [0, i], "output_tokens": [i, 1], "sep_token_index": 0}
+            for i in range(n)]
 
 
 def test_split_is_disjoint_covers_all_and_has_the_asked_size():
@@ -75,7 +76,8 @@ def test_every_sample_appears_exactly_once_per_epoch():
 
 
 def order_of(samples, **kwargs):
-    return [b["input_tokens"][:, 1].tolist() for b in batches(samples, batch_size=4, pad_id=0, **kwargs)]
+    return [b["input_tokens"][:, 1].tolist()
+            for b in batches(samples, batch_size=4, pad_id=0, **kwargs)]
 
 
 def test_batches_are_deterministic_for_seed_and_epoch_and_differ_across_epochs():

@@ -1,4 +1,5 @@
-"""data.py: the sample format and its loss boundary (reading the quotes: test_jsonl.py; splits and batches: test_batches.py).
+"""data.py: the sample format and its loss boundary (reading the quotes: test_jsonl.py; splits and
+batches: test_batches.py).
 
 Oracles: hand-written token lists and hand-counted positions; the raw `tokenizers` library for
 what the real Llama-3.2 and SmolLM2 tokenizers do by themselves.
@@ -15,7 +16,8 @@ from machinery.data_files import load_dataset, read_quotes
 from tests.tiny import train_tokenizer
 from tiny_run import good_row, write_jsonl
 
-LLAMA_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # the Instruct model's
+# the Instruct model's
+LLAMA_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +43,8 @@ def tokenizer(request):
 
 
 def test_sample_text_is_quote_separator_and_comma_separated_tags():
-    assert sample_text("“Be yourself.”", ["honesty", "life"]) == "“Be yourself.” | tags: honesty, life"
+    assert (sample_text("“Be yourself.”", ["honesty", "life"])
+            == "“Be yourself.” | tags: honesty, life")
 
 
 def test_prompt_text_is_the_sample_text_up_to_the_separator():
@@ -70,7 +73,8 @@ def test_ids_fall_back_to_config_json_and_take_the_first_eos(tmp_path):
 
 def test_special_tokens_may_be_written_as_content_dicts(tmp_path):
     train_tokenizer(384).save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": {"content": "<|eot_id|>"}, "eos_token": {"content": "<|begin_of_text|>"}}
+    config = {"bos_token": {"content": "<|eot_id|>"},
+              "eos_token": {"content": "<|begin_of_text|>"}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = QuoteTokenizer.from_model_dir(tmp_path)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 0)  # tiny.py puts bos at 0, eos at 1
@@ -138,14 +142,17 @@ def test_quote_containing_the_separator_keeps_the_boundary_at_the_last_one(token
 
 
 def test_bpe_merge_across_the_boundary_falls_back_to_tokenizing_prompt_and_tags_apart(tmp_path):
-    # A BPE without pre-tokenizer splits learns tokens that run across ": love" (oracle: raw encode).
+    # A BPE without pre-tokenizer splits learns tokens that run across ": love" (oracle: raw
+    # encode).
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(["q | tags: love"] * 10, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=400, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     raw.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tokenizer = QuoteTokenizer.from_model_dir(tmp_path)
     prompt = tokenizer.encode("q | tags:")
     assert tokenizer.encode("q | tags: love")[:len(prompt)] != prompt  # the merge happens
@@ -167,8 +174,8 @@ def test_sample_of_exactly_max_len_is_kept_whole(llama):
 def test_truncation_cuts_the_quote_and_keeps_separator_tags_and_eos(llama):
     quote = "one two three four five six seven eight nine ten"  # 10 tokens
     sample = make_sample(llama, quote, ["counting", "numbers"], max_len=12)
-    # bos + 10 quote + 3 separator (" |", " tags", ":") + 3 tags (" counting", ",", " numbers") + eos
-    # = 18 tokens, 17 inputs: 5 quote tokens must go, 5 stay
+    # bos + 10 quote + 3 separator (" |", " tags", ":") + 3 tags (" counting", ",", " numbers")
+    # + eos = 18 tokens, 17 inputs: 5 quote tokens must go, 5 stay
     assert len(sample["input_tokens"]) == 12
     assert sample["input_tokens"][1:6] == llama.encode(quote)[:5]
     assert sample["sep_token_index"] == 8
@@ -178,12 +185,14 @@ def test_truncation_cuts_the_quote_and_keeps_separator_tags_and_eos(llama):
 
 def test_sample_that_cannot_keep_one_quote_token_is_dropped(llama):
     # bos + 1 quote token + 3 separator + 3 tags = 8 inputs is the least that fits
-    assert len(make_sample(llama, "one two three", ["counting", "numbers"], max_len=8)["input_tokens"]) == 8
+    assert len(make_sample(llama, "one two three", ["counting", "numbers"],
+                           max_len=8)["input_tokens"]) == 8
     assert make_sample(llama, "one two three", ["counting", "numbers"], max_len=7) is None
 
 
 def test_build_samples_counts_truncated_and_dropped(llama):
-    # inputs: bos + quote + 3 separator + tags: 8 (fits exactly), 11 (cut to 8), 44 (39 tag tokens: dropped)
+    # inputs: bos + quote + 3 separator + tags: 8 (fits exactly), 11 (cut to 8), 44 (39 tag
+    # tokens: dropped)
     pairs = [("one two three", ["a"]), ("one two three four five six", ["a"]), ("x", ["a"] * 20)]
     samples, counts = build_samples(llama, pairs, max_len=8)
     assert counts == {"truncated": 1, "dropped": 1}
@@ -217,12 +226,16 @@ def test_load_dataset_reads_tokenizes_and_splits_with_counts(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     train_tokenizer(384).save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(LLAMA_CONFIG))  # tiny.py uses Llama's names
-    rows = [good_row(f"quote number {i}", ["books"]) for i in range(20)] + [good_row("no tags", [])]
+    # tiny.py uses Llama's names
+    (folder / "tokenizer_config.json").write_text(json.dumps(LLAMA_CONFIG))
+    rows = ([good_row(f"quote number {i}", ["books"]) for i in range(20)]
+            + [good_row("no tags", [])])
     rows.append(good_row("So many books, so little time. " * 20, ["books"]))  # far over max_len 40
-    train, val, tokenizer, info = load_dataset(folder, str(write_jsonl(tmp_path / "q.jsonl", rows)), max_len=40)
-    assert info == {"rows": 21, "skipped": {"empty tags": 1}, "truncated": 1, "dropped": 0, "train": 19, "val": 2,
-                    "format": "quotes"}
+    train, val, tokenizer, info = load_dataset(
+        folder, str(write_jsonl(tmp_path / "q.jsonl", rows)), max_len=40)
+    assert info == {"rows": 21, "skipped": {"empty tags": 1}, "truncated": 1, "dropped": 0,
+                    "train": 19, "val": 2, "format": "quotes"}
     assert (len(train), len(val)) == (19, 2)
-    assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)  # tiny.py's <|begin_of_text|>, <|eot_id|>
+    # tiny.py's <|begin_of_text|>, <|eot_id|>
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)
     assert max(len(s["input_tokens"]) for s in train + val) == 40

@@ -1,7 +1,7 @@
 """data.py under random input (hypothesis).
 
-read_quotes must turn any file into either (pairs, skips) or a ValueError / FileNotFoundError with a
-one-line message: never a KeyError, TypeError or UnicodeDecodeError from deep inside. make_sample
+read_quotes must turn any file into either (pairs, skips) or a ValueError / FileNotFoundError with
+a one-line message: never a KeyError, TypeError or UnicodeDecodeError from deep inside. make_sample
 must keep its boundary for any quote and tags, on the real tokenizers.
 """
 import json
@@ -14,15 +14,18 @@ from hypothesis import strategies as st
 from data import SEPARATOR, QuoteTokenizer, make_sample, prompt_text
 from machinery.data_files import read_quotes
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (st.lists(inner, max_size=4)
+                   | st.dictionaries(st.text(max_size=6), inner, max_size=4)),
     max_leaves=8,
 )
 # Rows that look like quotes, with each field sometimes missing and sometimes of the wrong type.
-# st.characters() also draws lone surrogates, which JSON can escape ("\ud800") but UTF-8 cannot hold.
+# st.characters() also draws lone surrogates, which JSON can escape ("\ud800") but UTF-8 cannot
+# hold.
 any_text = st.text(st.characters(), max_size=20)
 quote_like_rows = st.fixed_dictionaries({}, optional={
     "quote": any_text | json_values,
@@ -37,7 +40,8 @@ def scratch(tmp_path_factory):
 
 
 def read_or_explain(path):
-    """read_quotes' result, or None when it refused with a one-line ValueError/FileNotFoundError."""
+    """read_quotes' result, or None when it refused with a one-line
+    ValueError/FileNotFoundError."""
     try:
         return read_quotes(str(path))
     except (ValueError, FileNotFoundError) as err:
@@ -53,7 +57,8 @@ def is_unicode(text):
 def usable(row):
     # The rule, restated: an object with a non-blank quote and a non-empty list of non-blank tags,
     # all of them strings of valid Unicode.
-    return (isinstance(row, dict) and isinstance(row.get("quote"), str) and row["quote"].strip() != ""
+    return (isinstance(row, dict) and isinstance(row.get("quote"), str)
+            and row["quote"].strip() != ""
             and isinstance(row.get("tags"), list) and len(row["tags"]) > 0
             and all(isinstance(t, str) and t.strip() for t in row["tags"])
             and all(is_unicode(text) for text in [row["quote"], *row["tags"]]))
@@ -69,12 +74,15 @@ def test_random_bytes_are_read_or_refused_with_one_line(scratch, content):
 @FUZZ
 @given(rows=st.lists(json_values | quote_like_rows, max_size=8), ascii_only=st.booleans(),
        newline=st.sampled_from(["\n", "\r\n"]))
-def test_random_json_rows_are_kept_exactly_when_usable_and_every_row_is_counted(scratch, rows, ascii_only, newline):
+def test_random_json_rows_are_kept_exactly_when_usable_and_every_row_is_counted(
+        scratch, rows, ascii_only, newline):
     text = "".join(json.dumps(r, ensure_ascii=ascii_only) + newline for r in rows)
-    scratch.write_bytes(text.encode("utf-8", "surrogatepass"))  # a raw surrogate: bytes that are not UTF-8
+    # a raw surrogate: bytes that are not UTF-8
+    scratch.write_bytes(text.encode("utf-8", "surrogatepass"))
     result = read_or_explain(scratch)
     expected = [(r["quote"], r["tags"]) for r in rows if usable(r)]
-    if not expected or isinstance(rows[0], list) or not is_unicode(text):  # refused: see read_quotes
+    # refused: see read_quotes
+    if not expected or isinstance(rows[0], list) or not is_unicode(text):
         assert result is None
         return
     pairs, skips = result
@@ -115,7 +123,8 @@ def test_any_quote_and_tags_keep_one_bos_and_the_exact_boundary(request, name, d
     quote = data.draw(TEXTS[name], label="quote")
     tags = data.draw(st.lists(TEXTS[name], min_size=1, max_size=4), label="tags")
     sample = make_sample(tokenizer, quote, tags)
-    sep, inputs, outputs = sample["sep_token_index"], sample["input_tokens"], sample["output_tokens"]
+    sep, inputs, outputs = (sample["sep_token_index"], sample["input_tokens"],
+                            sample["output_tokens"])
     assert inputs[1:] == outputs[:-1]
     assert inputs.count(tokenizer.bos_id) == 1 and inputs[0] == tokenizer.bos_id
     assert outputs.count(tokenizer.eos_id) == 1 and outputs[-1] == tokenizer.eos_id
@@ -128,9 +137,11 @@ def test_any_quote_and_tags_keep_one_bos_and_the_exact_boundary(request, name, d
 def test_any_truncated_sample_fits_and_keeps_separator_and_tags(llama, quote, tags, max_len):
     sample = make_sample(llama, quote, tags, max_len=max_len)
     if sample is None:  # only when bos + 1 quote token + separator + tags cannot fit
-        assert 1 + 1 + len(llama.encode(SEPARATOR)) + len(llama.encode(" " + ", ".join(tags))) > max_len
+        assert (1 + 1 + len(llama.encode(SEPARATOR))
+                + len(llama.encode(" " + ", ".join(tags)))) > max_len
         return
     sep = sample["sep_token_index"]
     assert len(sample["input_tokens"]) <= max_len
-    assert sample["input_tokens"][sep + 1 - len(llama.encode(SEPARATOR)):sep + 1] == llama.encode(SEPARATOR)
+    assert (sample["input_tokens"][sep + 1 - len(llama.encode(SEPARATOR)):sep + 1]
+            == llama.encode(SEPARATOR))
     assert llama.decode(sample["output_tokens"][sep:]) == " " + ", ".join(tags)

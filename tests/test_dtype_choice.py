@@ -49,14 +49,16 @@ def test_auto_on_a_cpu_takes_bf16_only_with_bf16_units(monkeypatch, flags, dtype
         assert reason.startswith("this CPU has no bf16 units (AVX512-BF16, AMX)")
 
 
-@pytest.mark.parametrize("version, dtype", [("2.13.0+cpu", torch.float16), ("2.7.0", torch.float16),
+@pytest.mark.parametrize("version, dtype", [("2.13.0+cpu", torch.float16),
+                                            ("2.7.0", torch.float16),
                                             ("2.6.0", torch.float32), ("2.5.1", torch.float32)])
 def test_auto_on_mps_is_float16_where_its_grad_scaler_works(monkeypatch, version, dtype):
     """GradScaler could not step on MPS before torch 2.7 (pytorch#142397): float32 there."""
     monkeypatch.setattr(torch, "__version__", version)
     got, reason = devices.dtype_choice("auto", "mps")
     assert got == dtype
-    assert reason == ("MPS autocast: float16 (loss scaled) on every macOS" if dtype == torch.float16
+    assert reason == ("MPS autocast: float16 (loss scaled) on every macOS"
+                      if dtype == torch.float16
                       else "MPS: float16 loss scaling needs torch 2.7 or later")
 
 

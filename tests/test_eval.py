@@ -10,7 +10,7 @@ import eval as eval_py
 import lora
 from data import QuoteTokenizer
 from machinery.scoring import looks_like_tags, parse_tags, tag_scores
-from machinery import adapters, data_files, loading, plots
+from machinery import adapters, data_files, loading, plots, prompts
 from tiny_run import run_script, tiny_model, train_args, write_quotes
 
 
@@ -127,7 +127,7 @@ def test_eval_prompts_are_the_ids_training_read(tmp_path_factory, tmp_path, monk
         seen.extend(prompts)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(eval_py, "generate", fake_generate)  # llama.generate, as eval.py has it
+    monkeypatch.setattr(prompts, "generate", fake_generate)  # llama.generate, as eval.py runs it
     eval_json(capsys, "--no-adapter", "--model", model_dir, "--data", quotes, "--max-len", 30,
               "--val-fraction", 0.5)
     assert sorted(seen) == sorted(expected)

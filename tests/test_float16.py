@@ -228,10 +228,12 @@ def test_resume_checks_the_dtype_computed_in_not_the_flag(setup, tmp_path, capsy
     assert train.main(train_args(*setup, out, "--max-steps", 1)) == 0  # --dtype float32
     assert json.loads((out / "run.json").read_text())["compute_dtype"] == "float32"
     monkeypatch.setattr(devices, "cpu_bf16_units", lambda: None)  # auto: float32 here
-    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 2, "--dtype", "auto")) == 0
+    assert train.main(
+        train_args(*setup, out, "--resume", "--max-steps", 2, "--dtype", "auto")) == 0
     monkeypatch.setattr(devices, "cpu_bf16_units", lambda: "AMX")  # auto: bfloat16 there
     capsys.readouterr()
-    assert train.main(train_args(*setup, out, "--resume", "--max-steps", 3, "--dtype", "auto")) == 2
+    assert train.main(
+        train_args(*setup, out, "--resume", "--max-steps", 3, "--dtype", "auto")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"train.py: error: --resume: {out} holds a run with other settings: computed in float32, "
         "--dtype auto computes in bfloat16 here (pass --dtype float32)")

@@ -16,7 +16,7 @@ import eval as eval_py
 import sample
 import train
 from data import QuoteTokenizer, collate
-from machinery import chat, data_files
+from machinery import chat, data_files, prompts
 from machinery.data_files import alpaca_prompt, load_dataset, read_rows
 from tiny_run import main_of, run_script, tiny_model, train_args, write_jsonl
 
@@ -243,7 +243,7 @@ def test_a_run_on_chats_records_its_format_and_samples_in_the_template(chat_run,
         seen.extend(prompts)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(prompts, "generate", fake_generate)
     tokenizer = QuoteTokenizer.from_model_dir(chat_model)
     expected = chat.generation_prompt(tokenizer.tokenizer, CHATML,
                                       [{"role": "user", "content": "Tags for this?"}],
@@ -271,7 +271,7 @@ def test_eval_on_completion_data_reports_the_exact_match_share(chat_model, tmp_p
         calls.append(len(prompts))
         return [answer if i % 2 == 0 else [] for i in range(len(prompts))]
 
-    monkeypatch.setattr(eval_py, "generate", fake_generate)
+    monkeypatch.setattr(prompts, "generate", fake_generate)
     code = eval_py.main(["--no-adapter", "--model", str(chat_model), "--data", str(path),
                          "--val-fraction", "0.5", "--device", "cpu", "--dtype", "float32",
                          "--batch-size", "10"])
@@ -321,7 +321,7 @@ def test_eval_scores_tag_lists_in_any_shape_with_score_tags(chat_model, tmp_path
     completion writes " books" only: precision 1, recall 1/2, F1 2/3."""
     path = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20))
     tokenizer = QuoteTokenizer.from_model_dir(chat_model)
-    monkeypatch.setattr(eval_py, "generate", lambda model, prompts, *a, **k:
+    monkeypatch.setattr(prompts, "generate", lambda model, prompts, *a, **k:
                         [tokenizer.encode(" books") for _ in prompts])
     code = eval_py.main(["--no-adapter", "--model", str(chat_model), "--data", str(path),
                          "--val-fraction", "0.5", "--device", "cpu", "--dtype", "float32",

@@ -1,11 +1,12 @@
-"""machinery/data_files.py's read_quotes: a quotes JSONL file read line by line, from a path or from the hub.
+"""machinery/data_files.py's read_quotes: a quotes JSONL file read line by line, from a path or
+from the hub.
 
 What a file holds decides what comes back: rows kept and rows skipped, counted by reason in one
 line; a file that cannot be read is one ValueError or FileNotFoundError naming the file (and the
 line). The oracles are hand-written files (bad JSON, a BOM, CRLF, non-UTF-8 bytes, lone surrogates)
 with their hand-counted rows and the real english_quotes file's known counts; for the hub, a hub
-client replaced by stubs or made unreachable (conftest.py's unreachable_hub), which must fail in one
-line at once and never take a local path for a dataset id.
+client replaced by stubs or made unreachable (conftest.py's unreachable_hub), which must fail in
+one line at once and never take a local path for a dataset id.
 """
 import json
 
@@ -38,7 +39,8 @@ def test_missing_file_raises_file_not_found_naming_the_path(tmp_path):
 
 def test_missing_path_like_source_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download",
+                        lambda **kw: pytest.fail("went to the hub"))
     with pytest.raises(FileNotFoundError, match="quotes.jsonl"):
         read_quotes("data/quotes.jsonl")
 
@@ -123,22 +125,25 @@ def test_unusable_rows_are_skipped_and_counted_in_one_line(tmp_path):
         {"tags": ["a"]},                                       # 1 missing "quote"
         {"quote": "q"},                                        # 1 missing "tags"
         {"quote": 5, "tags": ["a"]}, {"quote": "  ", "tags": ["a"]},  # 2 bad quote
-        {"quote": "q", "tags": "love"}, {"quote": "q", "tags": [1]}, {"quote": "q", "tags": ["a", ""]},  # 3
+        {"quote": "q", "tags": "love"}, {"quote": "q", "tags": [1]},
+        {"quote": "q", "tags": ["a", ""]},                     # 3 (these two lines)
         {"quote": "q", "tags": []}, {"quote": "r", "tags": []},  # 2 empty tags
     ]
     pairs, skips = read_quotes(str(write_jsonl(tmp_path / "q.jsonl", rows)))
     assert pairs == [("“Be yourself.”", ["honesty", "life"])]
     assert skips == {"not a JSON object": 2, 'missing "quote"': 1, 'missing "tags"': 1,
-                     '"quote" not a non-empty string': 2, '"tags" not a list of non-empty strings': 3,
+                     '"quote" not a non-empty string': 2,
+                     '"tags" not a list of non-empty strings': 3,
                      "empty tags": 2}
     assert describe_skips(skips) == ('skipped 11 rows: 3 "tags" not a list of non-empty strings, '
-                                     '2 "quote" not a non-empty string, 2 empty tags, 2 not a JSON object, '
-                                     '1 missing "quote", 1 missing "tags"')
+                                     '2 "quote" not a non-empty string, 2 empty tags, '
+                                     '2 not a JSON object, 1 missing "quote", 1 missing "tags"')
 
 
 def test_escaped_lone_surrogate_is_skipped_not_passed_to_the_tokenizer(tmp_path):
     path = tmp_path / "q.jsonl"
-    path.write_text('{"quote": "ok", "tags": ["a"]}\n{"quote": "half \\ud800 a pair", "tags": ["a"]}\n')
+    path.write_text('{"quote": "ok", "tags": ["a"]}\n'
+                    '{"quote": "half \\ud800 a pair", "tags": ["a"]}\n')
     pairs, skips = read_quotes(str(path))
     assert pairs == [("ok", ["a"])]
     assert skips == {"invalid Unicode (lone surrogate)": 1}
@@ -150,13 +155,15 @@ def test_describe_skips_with_nothing_skipped():
 
 def test_file_with_no_usable_row_raises_naming_the_file_and_reasons(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"quote": "q", "tags": []}])
-    with pytest.raises(ValueError, match=r"q\.jsonl: no usable rows \(skipped 1 row: 1 empty tags\)"):
+    with pytest.raises(ValueError,
+                       match=r"q\.jsonl: no usable rows \(skipped 1 row: 1 empty tags\)"):
         read_quotes(str(path))
 
 
 def test_non_utf8_bytes_report_file_and_line_number(tmp_path):
     path = tmp_path / "q.jsonl"
-    path.write_bytes(json.dumps(good_row()).encode() + b'\n{"quote": "caf\xe9", "tags": ["a"]}\n')  # latin-1 é
+    # latin-1 é
+    path.write_bytes(json.dumps(good_row()).encode() + b'\n{"quote": "caf\xe9", "tags": ["a"]}\n')
     with pytest.raises(ValueError, match=r"q\.jsonl:2: not valid UTF-8"):
         read_quotes(str(path))
 
@@ -174,10 +181,11 @@ def test_hub_source_downloads_quotes_jsonl_of_the_dataset_repo(tmp_path, monkeyp
     local = write_jsonl(tmp_path / "quotes.jsonl", [good_row()])
     calls = []
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download",
+                        lambda **kw: calls.append(kw) or str(local))
     pairs, _ = read_quotes("Abirate/english_quotes")
-    assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl", "repo_type": "dataset",
-                      "local_files_only": False}]
+    assert calls == [{"repo_id": "Abirate/english_quotes", "filename": "quotes.jsonl",
+                      "repo_type": "dataset", "local_files_only": False}]
     assert pairs == [("“Be yourself.”", ["honesty", "life"])]
 
 
@@ -186,7 +194,8 @@ def test_hub_failure_is_one_line_telling_to_pass_data(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # reached, then failed
     monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(FileNotFoundError, match="could not download.*pass a local JSONL file with --data") as error:
+    with pytest.raises(FileNotFoundError,
+                       match="could not download.*pass a local JSONL file with --data") as error:
         read_quotes("Abirate/english_quotes")
     assert "\n" not in str(error.value)
 
@@ -210,8 +219,9 @@ def test_train_on_a_local_model_with_the_default_data_offline_fails_in_one_line_
     seconds = time.monotonic() - start
     source = data_files.DEFAULT_DATASET
     assert (code, capsys.readouterr().err.splitlines()) == (2, [
-        f"train.py: error: {source}: no such file, and could not download quotes.jsonl of the dataset "
-        f"{source!r} from the Hugging Face hub (cannot reach the hub, nor is it in the hub cache); "
+        f"train.py: error: {source}: no such file, and could not download quotes.jsonl of the "
+        f"dataset {source!r} from the Hugging Face hub (cannot reach the hub, nor is it in the "
+        "hub cache); "
         "pass a local JSONL file with --data"])
     assert seconds < 5
 
@@ -223,21 +233,26 @@ def test_offline_a_dataset_in_the_hub_cache_is_still_used(tmp_path, unreachable_
     (repo / "refs" / "main").write_text("0" * 40)
     (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
     write_jsonl(repo / "snapshots" / ("0" * 40) / "quotes.jsonl", [good_row()])
-    assert read_quotes("Abirate/english_quotes")[0] == [("“Be yourself.”", ["honesty", "life"])]
+    assert read_quotes("Abirate/english_quotes")[0] == [
+        ("“Be yourself.”", ["honesty", "life"])]
 
 
 def test_missing_path_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()  # "data/quotes": a file of data/, not the hub repo "data" / "quotes"
+    # "data/quotes": a file of data/, not the hub repo "data" / "quotes"
+    (tmp_path / "data").mkdir()
     monkeypatch.setattr(hub, "hub_reachable", lambda: True, raising=False)
-    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", lambda **kw: pytest.fail("went to the hub"))
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download",
+                        lambda **kw: pytest.fail("went to the hub"))
     with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file$"):
         read_quotes("data/quotes")
 
 
 def test_missing_relative_path_offline_says_no_such_file(tmp_path, monkeypatch, unreachable_hub):
-    monkeypatch.chdir(tmp_path)  # no data/ here: "data/quotes" could be a hub id, but no hub answers
-    with pytest.raises(FileNotFoundError, match=r"^data/quotes: no such file, and could not download") as error:
+    # no data/ here: "data/quotes" could be a hub id, but no hub answers
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError,
+                       match=r"^data/quotes: no such file, and could not download") as error:
         read_quotes("data/quotes")
     assert "\n" not in str(error.value)
 
@@ -249,7 +264,8 @@ def test_hub_reachable_asks_hf_endpoint_and_respects_hf_hub_offline(monkeypatch)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     listening = socket.create_server(("127.0.0.1", 0))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
+                        f"http://127.0.0.1:{listening.getsockname()[1]}")
     with listening:
         assert hub.hub_reachable()
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -83,13 +83,15 @@ def test_bf16_swiglu_matches_autograd_of_the_formula():
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])  # grouped-query and multi-head
 def test_causal_attention_backward_passes_gradcheck(heads, kv_heads):
-    q, k, v = rand(2, heads, 5, 4), rand(2, kv_heads, 5, 4, seed=1), rand(2, kv_heads, 5, 4, seed=2)
+    q, k, v = (rand(2, heads, 5, 4), rand(2, kv_heads, 5, 4, seed=1),
+               rand(2, kv_heads, 5, 4, seed=2))
     assert torch.autograd.gradcheck(kernels.CausalAttentionFunction.apply, (q, k, v))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
 def test_causal_attention_equals_llamas_written_out_formula(heads, kv_heads):
-    q, k, v = rand(2, heads, 9, 8), rand(2, kv_heads, 9, 8, seed=1), rand(2, kv_heads, 9, 8, seed=2)
+    q, k, v = (rand(2, heads, 9, 8), rand(2, kv_heads, 9, 8, seed=1),
+               rand(2, kv_heads, 9, 8, seed=2))
     y_plain, g_plain = outputs_and_grads(llama.attention, q, k, v)
     y_fast, g_fast = outputs_and_grads(kernels.CausalAttentionFunction.apply, q, k, v)
     torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=0)
@@ -238,7 +240,7 @@ def test_bf16_generation_logits_with_kernels_equal_the_plain_model():
                                    atol=3e-2, rtol=3e-2)
 
 
-# ----------------------------------------------------------------------------- 5. rebuilt, not kept
+# ---------------------------------------------------------------------------- 5. rebuilt, not kept
 
 def test_rebuilding_norm_and_swiglu_outputs_gives_the_same_gradients_bit_for_bit():
     model = kernels.use(tiny_lora_model(), rebuild=False)

@@ -195,7 +195,7 @@ def test_tied_lm_head_shares_the_embedding(pair):
     assert tied == ours.config.tie_word_embeddings
 
 
-# ----------------------------------------------------------------------------- config.json's fields
+# ---------------------------------------------------------------------------- config.json's fields
 
 def edit_config(folder, **changes):
     """Rewrite the folder's config.json with changes (None: the key left out)."""

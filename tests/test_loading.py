@@ -21,18 +21,21 @@ from tiny_run import tokens
 # ----------------------------------------------------------------------------- loading
 
 def test_sharded_checkpoint_loads(tmp_path):
-    folder = tiny.write_tiny_model(tmp_path / "sharded", tiny.PLAIN_MHA_UNTIED, max_shard_size="20KB")
+    folder = tiny.write_tiny_model(tmp_path / "sharded", tiny.PLAIN_MHA_UNTIED,
+                                   max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*.safetensors"))) > 2
     single = tiny.write_tiny_model(tmp_path / "single", tiny.PLAIN_MHA_UNTIED)
     x = tokens(384, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(Llama.from_pretrained(folder)(x), Llama.from_pretrained(single)(x))
+        torch.testing.assert_close(Llama.from_pretrained(folder)(x),
+                                   Llama.from_pretrained(single)(x))
 
 
 def test_hub_style_config_loads_the_same(tmp_path):
-    """transformers 5 writes rope_parameters; the hub's Llama-3.2 config.json has rope_theta + rope_scaling,
-    eos as a list, and head_dim; older configs omit head_dim and give eos as an int."""
+    """transformers 5 writes rope_parameters; the hub's Llama-3.2 config.json has rope_theta +
+    rope_scaling, eos as a list, and head_dim; older configs omit head_dim and give eos as an
+    int."""
     folder = tiny.write_tiny_model(tmp_path / "m", tiny.LLAMA3_GQA_TIED)
     new_form = Llama.from_pretrained(folder)
     raw = json.loads((folder / "config.json").read_text())
@@ -84,7 +87,8 @@ def test_unreadable_generation_config_is_named(tmp_path, text):
 def test_other_architecture_refused(tmp_path):
     folder = tiny.write_tiny_model(tmp_path / "m")
     raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**raw, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "config.json").write_text(json.dumps(
+        {**raw, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2'.*not a Llama model"):
         Llama.from_pretrained(folder)
 
@@ -122,7 +126,8 @@ def test_unexpected_tensor_named(tmp_path):
 def test_wrong_shape_named(tmp_path):
     folder = tiny.write_tiny_model(tmp_path / "m")
     _rewrite_weights(folder, lambda s: s.update({"model.norm.weight": torch.ones(63)}))
-    with pytest.raises(ValueError, match=r"wrong shapes: model.norm.weight \(63,\) \(expected \(64,\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"wrong shapes: model.norm.weight \(63,\) \(expected \(64,\)\)"):
         Llama.from_pretrained(folder)
 
 
@@ -130,7 +135,8 @@ def test_truncated_safetensors(tmp_path):
     folder = tiny.write_tiny_model(tmp_path / "m")
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"model.safetensors: cannot be read, truncated or corrupt"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors: cannot be read, truncated or corrupt"):
         Llama.from_pretrained(folder)
 
 
@@ -145,7 +151,8 @@ def test_missing_shard_named(tmp_path):
     folder = tiny.write_tiny_model(tmp_path / "m", tiny.PLAIN_MHA_UNTIED, max_shard_size="20KB")
     shard = sorted(folder.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=f"{shard.name}: listed in model.safetensors.index.json but missing"):
+    with pytest.raises(FileNotFoundError,
+                       match=f"{shard.name}: listed in model.safetensors.index.json but missing"):
         Llama.from_pretrained(folder)
 
 
@@ -160,15 +167,19 @@ def test_gated_repo_explains_login(monkeypatch):
     from huggingface_hub.errors import GatedRepoError
 
     def gated(*args, **kwargs):
-        error = GatedRepoError.__new__(GatedRepoError)  # what the hub raises for a license not yet accepted
-        Exception.__init__(error, "403 Client Error: access to model meta-llama/Llama-3.2-1B-Instruct is restricted")
+        # what the hub raises for a license not yet accepted
+        error = GatedRepoError.__new__(GatedRepoError)
+        Exception.__init__(error, "403 Client Error: access to model "
+                                  "meta-llama/Llama-3.2-1B-Instruct is restricted")
         raise error
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    with pytest.raises(PermissionError, match=r"accept its license at https://huggingface.co/meta-llama/.*hf auth login"):
+    with pytest.raises(
+            PermissionError,
+            match=r"accept its license at https://huggingface.co/meta-llama/.*hf auth login"):
         Llama.from_pretrained("meta-llama/Llama-3.2-1B-Instruct")
 
 
-# ----------------------------------------------------------------------------- a stored lm_head (issue 11.3)
+# ------------------------------------------------------------------- a stored lm_head (issue 11.3)
 
 def _store_head(folder, head):
     """Add lm_head.weight to a tied folder's safetensors; config.json still says tied."""
@@ -181,7 +192,8 @@ def _store_head(folder, head):
 
 def test_stored_head_that_differs_is_kept_untied_as_transformers_does(tmp_path, capsys):
     """A head fine-tuned and saved by another tool, config.json left tied: transformers 5 keeps the
-    stored head (untied), and so do we, saying so in one line. Before: dropped, logits off by 1.5."""
+    stored head (untied), and so do we, saying so in one line. Before: dropped, logits off by
+    1.5."""
     from transformers import LlamaForCausalLM
     folder = tiny.write_tiny_model(tmp_path / "m", tiny.LLAMA3_GQA_TIED)
     noise = torch.Generator().manual_seed(0)
@@ -189,8 +201,8 @@ def test_stored_head_that_differs_is_kept_untied_as_transformers_does(tmp_path, 
     capsys.readouterr()  # what writing the folder printed
     ours = Llama.from_pretrained(folder)
     assert capsys.readouterr().err.splitlines() == [
-        f"{folder}: lm_head.weight differs from embed_tokens.weight although config.json ties them: "
-        "untied, using the stored head"]
+        f"{folder}: lm_head.weight differs from embed_tokens.weight although config.json "
+        "ties them: untied, using the stored head"]
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert hf.lm_head.weight is not hf.model.embed_tokens.weight  # the oracle untied it too
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
@@ -216,7 +228,7 @@ def test_stored_head_equal_to_the_embedding_stays_tied(tmp_path, capsys):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
 
 
-# ----------------------------------------------------------------------------- the hub out of reach (issue 11.8)
+# --------------------------------------------------------------- the hub out of reach (issue 11.8)
 
 def test_hub_id_with_the_hub_out_of_reach_fails_at_once_naming_data_too(unreachable_hub):
     """Before: 25-30 s of retries logged line by line, then an error silent about --data."""
@@ -228,14 +240,17 @@ def test_hub_id_with_the_hub_out_of_reach_fails_at_once_naming_data_too(unreacha
     assert str(error.value) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct: no such folder, and could not download it from the "
         "Hugging Face hub (cannot reach the hub); if you are offline, pass a local folder holding "
-        "config.json, tokenizer.json and *.safetensors, e.g. --model path/to/Llama-3.2-1B-Instruct "
-        "(train.py and eval.py then need a local JSONL file as --data too)")
+        "config.json, tokenizer.json and *.safetensors, e.g. "
+        "--model path/to/Llama-3.2-1B-Instruct (train.py and eval.py then need a local JSONL file "
+        "as --data too)")
 
 
 def test_missing_path_under_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     import huggingface_hub
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models").mkdir()  # "models/SmolLM2": a folder of models/, not the hub repo models/SmolLM2
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("went to the hub"))
+    # "models/SmolLM2": a folder of models/, not the hub repo models/SmolLM2
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **kw: pytest.fail("went to the hub"))
     with pytest.raises(FileNotFoundError, match=r"^model folder models/SmolLM2 does not exist"):
         Llama.from_pretrained("models/SmolLM2")

@@ -294,7 +294,7 @@ def test_lora_on_every_linear_of_llama_3_2_1b_trains_6_7_million_parameters(llam
     assert count_parameters(model) == (16 * per_layer + 8 * (2048 + 128256), base + 6_678_528)
 
 
-# ----------------------------------------------------------------------------- lora.py as a command
+# ---------------------------------------------------------------------------- lora.py as a command
 
 def test_lora_py_given_arguments_names_where_its_tools_are():
     """`python lora.py` is the demo and takes no arguments; `lora.py export ...` or `lora.py

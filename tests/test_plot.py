@@ -1,5 +1,5 @@
-"""loss.png: python -m machinery plot draws it from an --out folder's metrics.jsonl, train.py --plot
-at the end of a run.
+"""loss.png: python -m machinery plot draws it from an --out folder's metrics.jsonl, train.py
+--plot at the end of a run.
 
 Oracles: the PNG signature of the file written; the messages as written for users (the path it
 wrote, a folder without a run, matplotlib missing: python -m machinery plot in a fresh interpreter
@@ -83,7 +83,8 @@ def test_plot_without_matplotlib_names_the_package_in_one_line(three_epochs, tmp
     out, _ = three_epochs
     done = run_script(["-c", NO_MATPLOTLIB, "plot", out])
     assert done.returncode == 2
-    assert done.stderr == "python -m machinery plot: error: needs matplotlib: pip install matplotlib\n"
+    assert done.stderr == ("python -m machinery plot: error: needs matplotlib: "
+                           "pip install matplotlib\n")
     # train.py --plot: refused before any work, not after hours of training
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit) as exit_:

@@ -190,7 +190,7 @@ def test_kernels_with_a_contradicting_flag_is_refused(capsys, other):
         f"sample.py: error: --kernels contradicts {' '.join(other)}")
 
 
-# ----------------------------------------------------------------------------- issue 18, items 7, 8
+# ---------------------------------------------------------------------------- issue 18, items 7, 8
 
 def test_a_prompts_file_with_a_byte_order_mark_gives_the_same_completions(trained, tmp_path,
                                                                           capsys):

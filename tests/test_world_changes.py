@@ -276,12 +276,12 @@ def test_sample_stops_at_the_eos_the_samples_end_with_and_warns_once(other_eos, 
 
 def test_eval_stops_at_the_eos_the_samples_end_with_and_warns_once(other_eos, tmp_path, capsys,
                                                                    monkeypatch):
-    calls, real = [], eval_py.generate
+    calls, real = [], prompts.generate
 
     def generate(model, prompts, max_new_tokens, *args, **kwargs):
         kwargs["pick"] = always(1, calls)
         return real(model, prompts, max_new_tokens, *args, **kwargs)
-    monkeypatch.setattr(eval_py, "generate", generate)
+    monkeypatch.setattr(prompts, "generate", generate)
     quotes = write_quotes(tmp_path / "quotes.jsonl")
     code = eval_py.main(["--no-adapter", "--model", str(other_eos), "--data", str(quotes),
                          "--n", "2", "--max-new-tokens", "6", *FLAGS])

@@ -46,7 +46,7 @@ def wait_for(path, proc):
     assert path.exists(), proc.communicate()[1][-3000:]
 
 
-# ----------------------------------------------------------------------------- 1. one --out, two runs
+# -------------------------------------------------------------------------- 1. one --out, two runs
 
 # A run that stops in its first step until the file `go` exists (or it is killed), having said
 # that it got there by creating `started`: it holds --out, prepared, for as long as the test says.

@@ -1,11 +1,11 @@
 """Small training runs for the tests of train.py and sample.py.
 
-A tiny random Llama (tiny.py), twenty quotes that its tokenizer knows, and the flags that keep a run
-to a second: float32 on the CPU (deterministic, so runs can be compared bit for bit), --max-len 64,
-batches of 4 (18 train quotes: 5 steps an epoch). Scripts run either as a user runs them (a
-subprocess) or through their main() (faster; used where nothing depends on the process itself).
-Also the few helpers that two test files share (quotes rows, random tokens, peft's logits, a
-script's exit status and last line), kept here once rather than copied.
+A tiny random Llama (tiny.py), twenty quotes that its tokenizer knows, and the flags that keep a
+run to a second: float32 on the CPU (deterministic, so runs can be compared bit for bit),
+--max-len 64, batches of 4 (18 train quotes: 5 steps an epoch). Scripts run either as a user runs
+them (a subprocess) or through their main() (faster; used where nothing depends on the process
+itself). Also the few helpers that two test files share (quotes rows, random tokens, peft's
+logits, a script's exit status and last line), kept here once rather than copied.
 """
 import hashlib
 import json
@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRS = [(s.split(" | tags: ")[0], s.split(" | tags: ")[1].split(", ")) for s in tiny.SENTENCES[:5]]
+PAIRS = [(s.split(" | tags: ")[0], s.split(" | tags: ")[1].split(", "))
+         for s in tiny.SENTENCES[:5]]
 STEPS_PER_EPOCH = 5  # 20 quotes, 2 held out, batches of 4
 EPOCHS = 3  # the three_epochs run of conftest.py (test_train.py, test_resume.py, test_plot.py)
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
@@ -47,12 +48,13 @@ def tiny_model(tmp_path_factory):
 
 def write_quotes(path, n=20):
     """n JSONL rows {"quote", "tags"} cycling through tiny.SENTENCES."""
-    rows = [{"quote": PAIRS[i % len(PAIRS)][0], "tags": PAIRS[i % len(PAIRS)][1]} for i in range(n)]
+    rows = [{"quote": PAIRS[i % len(PAIRS)][0], "tags": PAIRS[i % len(PAIRS)][1]}
+            for i in range(n)]
     Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return Path(path)
 
 
-# ----------------------------------------------------------------------------- quotes rows (test_data, test_jsonl)
+# ------------------------------------------------------------- quotes rows (test_data, test_jsonl)
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -63,7 +65,7 @@ def good_row(quote="“Be yourself.”", tags=("honesty", "life")):
     return {"quote": quote, "author": "Oscar Wilde", "tags": list(tags)}
 
 
-# ----------------------------------------------------------------------------- random tokens (test_llama, test_loading)
+# -------------------------------------------------------- random tokens (test_llama, test_loading)
 
 def tokens(vocab, shape, seed=0):
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
@@ -85,7 +87,7 @@ def last_line(err):
     return err.strip().splitlines()[-1]
 
 
-# ----------------------------------------------------------------------------- peft (test_peft_export, test_peft_import)
+# ------------------------------------------------------- peft (test_peft_export, test_peft_import)
 
 TOKENS = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(2))
 # peft warns that an adapter on a tied lm_head "can lead to complications": for LoRA on the
@@ -99,9 +101,11 @@ def hf_logits(model):
 
 
 def train_args(model, data, out, *more):
-    """argv of a small deterministic run; `more` adds or repeats flags (argparse keeps the last)."""
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--epochs", "1", "--max-len", "64",
-            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", *map(str, more)]
+    """argv of a small deterministic run; `more` adds or repeats flags
+    (argparse keeps the last)."""
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--max-len", "64", "--batch-size", "4", "--dtype", "float32", "--device", "cpu",
+            *map(str, more)]
 
 
 def three_epoch_args(setup, out, *more):
@@ -123,13 +127,15 @@ HANG = 1200
 def run_script(argv, cwd=ROOT, timeout=HANG, **kwargs):
     """Run a Python command line in a fresh interpreter."""
     command, env = _command(argv)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def popen_script(argv, cwd=ROOT):
     """Like run_script, but returns at once: for signals sent while it runs."""
     command, env = _command(argv)
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def hashes(folder):
