@@ -104,9 +104,12 @@ def train(args):
         model = load_base(args.model, args.quantize, dtype, device, "train.py")
     else:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)  # compute dtype
-    # data.py's samples of --data (read and checked row by row in machinery/data_files.py),
-    # cut to --max-len; data.split_samples holds out --val-fraction of them, by --seed
-    train_set, val_set, tokenizer, info = data_files.training_split(model.model_dir, args)
+    # data.py's samples of every row of --data (read and checked row by row by the machinery),
+    # cut to --max-len; then --val-fraction of them held out, drawn by --seed
+    samples, tokenizer, info = data_files.read_samples(model.model_dir, args.data, args.max_len,
+                                                       args.format)
+    train_set, val_set = data.split_samples(samples, args.val_fraction, args.seed)
+    train_set, val_set = data_files.ready_to_train(train_set, val_set, info, args)  # checked
     torch.manual_seed(args.seed)  # the random A and B
     lora.add_lora(model, r=args.r, alpha=args.alpha, init=args.init,
                   targets=cli.lora_targets(args.targets))

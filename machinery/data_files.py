@@ -354,25 +354,32 @@ def special_tokens(tokenizer):
 SPLIT = {"seed": 0, "val_fraction": 0.1, "max_len": 256}
 
 
-def load_dataset(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 256,
-                 val_fraction: float = 0.1, seed: int = 0, format: str | None = None,
-                 train_on_input: bool = False):
-    """Read, tokenize and split a data file for train.py: (train, val, tokenizer, info), where
-    info counts rows, skipped (by reason), truncated, dropped, train and val, and says the
-    format. train_on_input: the training samples' loss on every token (supervise_everything);
-    the held-out ones keep theirs on the answers, so that validation losses compare. Raises what
-    from_model_dir, read_rows and split_samples raise.
+def read_samples(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 256,
+                 format: str | None = None):
+    """Read and tokenize a data file: (samples, tokenizer, info), data.py's samples of every usable
+    row in file order, cut to max_len; info counts rows, skipped (by reason), truncated and
+    dropped, and says the format. Raises what from_model_dir and read_rows raise.
 
     With the Llama-3.2 tokenizer, max_len 256 keeps all but 32 of the 2,499 quotes whole; those
     lose the end of their quote (up to 906 tokens)."""
     tokenizer = QuoteTokenizer.from_model_dir(model_dir)
     _, format, rows, skipped = read_rows(data, format)
     samples, counts = samples_of_rows(tokenizer, model_dir, format, rows, max_len)
+    return samples, tokenizer, {"rows": len(rows), "skipped": skipped, **counts, "format": format}
+
+
+def load_dataset(model_dir, data: str = DEFAULT_DATASET, max_len: int | None = 256,
+                 val_fraction: float = 0.1, seed: int = 0, format: str | None = None,
+                 train_on_input: bool = False):
+    """read_samples, then data.split_samples: (train, val, tokenizer, info), info with the train
+    and val counts too. train_on_input: the training samples' loss on every token
+    (supervise_everything); the held-out ones keep theirs on the answers, so that validation
+    losses compare. Raises what read_samples and split_samples raise."""
+    samples, tokenizer, info = read_samples(model_dir, data, max_len, format)
     train, val = split_samples(samples, val_fraction, seed)
     if train_on_input:
         train = [supervise_everything(s) for s in train]
-    info = {"rows": len(rows), "skipped": skipped, **counts, "train": len(train),
-            "val": len(val), "format": format}
+    info.update(train=len(train), val=len(val))
     return train, val, tokenizer, info
 
 
@@ -391,17 +398,29 @@ def fingerprint(info, train, val):
             "train_sha256": train_hash, "held_out": [sample_hash(s) for s in val]}
 
 
-def training_split(model_dir, args):
-    """load_dataset for train.py's flags (--data, --format, --train-on-input, --max-len,
-    --val-fraction, --seed); ValueError when no sample is left to train on."""
-    train, val, tokenizer, info = load_dataset(
-        model_dir, args.data, args.max_len, args.val_fraction, args.seed,
-        getattr(args, "format", None), getattr(args, "train_on_input", False))
+def ready_to_train(train, val, info, args):
+    """train.py's split (data.split_samples of read_samples), checked and recorded: with
+    --train-on-input the training samples' loss on every token (the held-out ones keep theirs on
+    the answers, so that validation losses compare); info gains the train and val counts and the
+    data's fingerprint (run.json keeps it for --resume and eval.py). Returns (train, val).
+    ValueError when no sample is left to train on."""
+    if getattr(args, "train_on_input", False):
+        train = [supervise_everything(s) for s in train]
     if not train:
         raise ValueError(f"{args.data}: no quote left to train on "
                          f"(--max-len {args.max_len} too short?)")
-    info["fingerprint"] = fingerprint(info, train, val)  # for run.json: --resume, eval.py
-    return train, val, tokenizer, info
+    info.update(train=len(train), val=len(val))
+    info["fingerprint"] = fingerprint(info, train, val)
+    return train, val
+
+
+def training_split(model_dir, args):
+    """(train, val, tokenizer, info) as train.py makes them, from its flags (--data, --format,
+    --train-on-input, --max-len, --val-fraction, --seed)."""
+    samples, tokenizer, info = read_samples(model_dir, args.data, args.max_len,
+                                            getattr(args, "format", None))
+    train, val = split_samples(samples, args.val_fraction, args.seed)
+    return (*ready_to_train(train, val, info, args), tokenizer, info)
 
 
 # ----------------------------------------------------------------------------- python data.py
