@@ -27,7 +27,7 @@ import data
 import lora
 from llama import DEFAULT_MODEL, Llama
 from machinery import cli, command, data_files
-from machinery.checkpoint import RunFolder
+from machinery.run_folder import RunFolder
 from machinery.device import autocast
 
 
@@ -92,7 +92,7 @@ def train(args):
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     master = rank == 0  # rank 0 alone prints and writes
-    # The run's folder (machinery/checkpoint.py): each run.<call> below is one piece of
+    # The run's folder (machinery/run_folder.py): each run.<call> below is one piece of
     # bookkeeping (a metrics row, a checkpoint, the stop check), and the loop stays here.
     run = RunFolder(args, master)  # checks --out; --resume takes the run's settings from it
     device, dtype = run.device, run.dtype  # --device and --dtype auto: the first line says why
