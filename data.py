@@ -21,8 +21,8 @@ parameters on re-learning English.
 
 This file: one sample (the tokens and where the loss is), the loss after the separator, the split,
 and the batches. Reading JSONL files (every row checked, file:line errors) is machinery's
-(machinery/data_files.py), as is finding a model folder's bos and eos, and the other shapes of
-data (completion, alpaca, chat), built from the same sample_of.
+(machinery/rows.py), as is finding a model folder's bos and eos, and the other shapes of data
+(completion, alpaca, chat: machinery/data_files.py), built from the same sample_of.
 """
 import random
 

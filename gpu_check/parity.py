@@ -22,7 +22,7 @@ import torch
 import data
 from machinery import json_out
 from machinery.cli import positive
-from machinery.data_files import read_quotes
+from machinery.rows import read_quotes
 from machinery.device import autocast, pick_device
 from machinery.hub import resolve_model_dir
 from llama import Llama

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 import lora

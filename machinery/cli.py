@@ -8,10 +8,11 @@ import argparse
 import math
 import struct
 
+from machinery.rows import FORMATS  # the shapes of row --format names
+
 DEFAULT_OUT = "out"  # train.py's --out, and where sample.py looks for an adapter by default
 LR = 5e-4  # train.py's --lr and bench.py's: docs/recipe.md measured why
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
-FORMATS = ("quotes", "completion", "alpaca", "chat")  # machinery/data_files.py reads them
 QUANTIZE = ("nf4", "nf4-dq")  # the qlora chapter's base in 4 bits (qlora/load.py)
 
 

@@ -2,7 +2,6 @@
 a file, generated in batches of similar length (with a progress bar when there are many), and the
 alpha sweep printed side by side.
 """
-import sys
 from pathlib import Path
 
 from llama import generate, greedy

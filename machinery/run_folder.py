@@ -9,7 +9,7 @@ import torch
 
 import lora
 from machinery import adapters, checkpoint
-from machinery.data_files import describe_skips
+from machinery.rows import describe_skips
 from machinery.device import dtype_choice, pick_device
 from machinery.out_folder import check_out_path, lock_out
 from machinery.progress import Clock, say

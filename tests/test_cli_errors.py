@@ -16,7 +16,7 @@ import sample
 import train
 from data import prompt_text
 from export.peft import export_peft
-from machinery.data_files import EXPECTED_FORMAT
+from machinery.rows import EXPECTED_FORMAT
 from llama import Llama
 from tiny import PLAIN_MHA_UNTIED, write_tiny_model
 from tiny_run import PAIRS, hashes, last_line, main_of, metrics, run_script, train_args

@@ -12,7 +12,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data import QuoteTokenizer, batches, build_samples, make_sample, prompt_text, sample_text
-from machinery.data_files import load_dataset, read_quotes
+from machinery.data_files import load_dataset
+from machinery.rows import read_quotes
 from tests.tiny import train_tokenizer
 from tiny_run import good_row, write_jsonl
 

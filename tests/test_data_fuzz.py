@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data import SEPARATOR, QuoteTokenizer, make_sample, prompt_text
-from machinery.data_files import read_quotes
+from machinery.rows import read_quotes
 
 FUZZ = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

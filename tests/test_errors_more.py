@@ -21,7 +21,7 @@ from export.peft import export_peft
 from llama import Llama
 from machinery import adapters, loading
 from machinery import device as devices
-from machinery.data_files import EXPECTED_FORMAT
+from machinery.rows import EXPECTED_FORMAT
 from tiny_run import hashes, train_args
 
 

@@ -17,7 +17,8 @@ import sample
 import train
 from data import QuoteTokenizer, collate
 from machinery import chat, data_files, prompts
-from machinery.data_files import alpaca_prompt, load_dataset, read_rows
+from machinery.data_files import alpaca_prompt, load_dataset
+from machinery.rows import read_rows
 from tiny_run import main_of, run_script, tiny_model, train_args, write_jsonl
 
 CHATML = ("{% for m in messages %}<|begin_of_text|>{{ m['role'] }}\n{{ m['content'] }}"

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from machinery import data_files, hub
-from machinery.data_files import EXPECTED_FORMAT, describe_skips, read_quotes, read_rows
+from machinery.rows import EXPECTED_FORMAT, describe_skips, read_quotes, read_rows
 from tiny_run import good_row, write_jsonl
 
 

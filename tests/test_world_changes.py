@@ -16,7 +16,6 @@ import ast
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ import eval as eval_py
 import sample
 import train
 from data import QuoteTokenizer
-from machinery import checkpoint, data_files, prompts
+from machinery import checkpoint, prompts
+from machinery.rows import read_rows
 from tiny_run import (ROOT, adapter, main_of, metrics, same_tensors, tiny_model, train_args,
                       write_quotes)
 
@@ -82,7 +82,7 @@ def test_a_jsonl_row_with_a_lone_carriage_return_between_its_keys_is_one_row(tmp
     path = tmp_path / "quotes.jsonl"
     path.write_bytes(b'{"quote": "Be yourself.",\r"tags": ["honesty"]}\r\n'
                      b'{"quote": "So\xe2\x80\xa8many books.", "tags": ["books"]}\n')
-    _, _, rows, _ = data_files.read_rows(str(path))
+    _, _, rows, _ = read_rows(str(path))
     assert rows == [(1, {"quote": "Be yourself.", "tags": ["honesty"]}),
                     (2, {"quote": "So\u2028many books.", "tags": ["books"]})]
 
